@@ -1,0 +1,152 @@
+"""Pure-torch versions of every op the model uses.
+
+These run the CPU path and are the oracle that the Triton and CUDA kernels are
+tested against. They follow the numerics of `transformers`' Qwen3 (upcast to
+float32 for norms, rotary in the input dtype) so that float32 on CPU matches the
+reference model token for token.
+
+Shapes: T = tokens in the step, H = query heads, Hkv = KV heads, D = head_dim,
+B = sequences in the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in float32, weight applied in x's dtype."""
+    dtype = x.dtype
+    xf = x.float()
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    xf = xf * torch.rsqrt(variance + eps)
+    return weight * xf.to(dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += x; return (rms_norm(residual), residual). Out of place."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary_cos_sin_cache(
+    head_dim: int, max_position: int, theta: float, dtype: torch.dtype, device=None
+) -> torch.Tensor:
+    """[max_position, head_dim]: cos in the first half, sin in the second (neox layout).
+
+    inv_freq and the angle products are formed exactly as transformers does it.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)  # [D/2]
+    t = torch.arange(max_position, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)  # [P, D/2]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotary on x [T, heads, D] at positions [T]."""
+    half = x.shape[-1] // 2
+    cos_sin = cos_sin_cache[positions]  # [T, D]
+    cos = cos_sin[:, :half].to(x.dtype).unsqueeze(1)  # [T, 1, D/2]
+    sin = cos_sin[:, half:].to(x.dtype).unsqueeze(1)
+    cos = torch.cat([cos, cos], dim=-1)  # [T, 1, D]
+    sin = torch.cat([sin, sin], dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q [T, H, D] and k [T, Hkv, D], then rotary on both."""
+    q = rms_norm(q, q_weight, eps)
+    k = rms_norm(k, k_weight, eps)
+    return apply_rotary(q, positions, cos_sin_cache), apply_rotary(k, positions, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def store_kvcache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter key/value [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D].
+
+    slot = block_id * block_size + offset; slot -1 writes nothing.
+    """
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    k_flat[slots] = key[valid].to(k_cache.dtype)
+    v_flat[slots] = value[valid].to(v_cache.dtype)
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """The first seq_len tokens of one sequence from a paged cache -> [seq_len, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache[block_table[:num_blocks].long()]  # [n, block_size, Hkv, D]
+    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of new queries over each sequence's paged KV.
+
+    q: [T, H, D], the new tokens of B sequences packed back to back;
+    query_start_loc: [B + 1] cumulative query lengths; seq_lens: [B] cached + new
+    tokens (the new tokens' K/V are already in the cache). Query i of a sequence
+    with q_len new tokens sits at position seq_len - q_len + i and sees keys at
+    positions <= its own. A sequence with seq_len 0 (graph padding) yields zeros.
+    Returns [T, H, D] in q's dtype; computed in float32.
+    """
+    out = torch.zeros_like(q)
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        start, end = qsl[b], qsl[b + 1]
+        q_len = end - start
+        if q_len == 0 or seq_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len).float()  # [S, Hkv, D]
+        v = gather_kv(v_cache, block_tables[b], seq_len).float()
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        qb = q[start:end].float().transpose(0, 1)  # [H, q_len, D]
+        scores = torch.matmul(qb, k.transpose(1, 2)) * scale  # [H, q_len, S]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        mask = k_pos[None, :] > q_pos[:, None]  # [q_len, S]
+        scores.masked_fill_(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
+    return out
