@@ -1,0 +1,8 @@
+"""my-vllm: a compact, fast and exact LLM inference engine for Qwen3 models."""
+
+from myvllm.llm import LLM
+from myvllm.outputs import CompletionOutput, Logprob, RequestOutput
+from myvllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__version__ = "0.1.0"

@@ -21,3 +21,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random Qwen3 checkpoint (tied embeddings, GQA 2) with tokenizer and chat template."""
+    from tiny_model import build_checkpoint
+
+    return build_checkpoint(str(tmp_path_factory.mktemp("tiny-qwen3")))
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_model_dir):
+    from tiny_model import load_hf_model
+
+    return load_hf_model(tiny_model_dir)

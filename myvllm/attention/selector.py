@@ -1,0 +1,58 @@
+"""Choose the attention backend for a device and block size, and say why."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from myvllm.attention.backend import AttentionBackend
+
+logger = logging.getLogger(__name__)
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def choose_backend_name(requested: str, device: torch.device, block_size: int) -> tuple[str, str]:
+    """(backend name, reason) for attention_backend=requested."""
+    from myvllm.attention.flash_attn_backend import FLASH_ATTN_BLOCK_MULTIPLE
+
+    if requested != "auto":
+        if device.type == "cpu" and requested != "torch":
+            raise ValueError(f"attention_backend={requested!r} needs CUDA; on CPU use 'torch' or 'auto'")
+        if requested == "flash_attn":
+            if not flash_attn_available():
+                raise ValueError("attention_backend='flash_attn' but the flash_attn package is not installed")
+            if block_size % FLASH_ATTN_BLOCK_MULTIPLE:
+                raise ValueError(
+                    f"attention_backend='flash_attn' needs kvcache_block_size to be a multiple of "
+                    f"{FLASH_ATTN_BLOCK_MULTIPLE}, got {block_size}"
+                )
+        return requested, "asked for"
+    if device.type == "cpu":
+        return "torch", "the device is a CPU"
+    if not flash_attn_available():
+        return "triton", "flash_attn is not installed"
+    if block_size % FLASH_ATTN_BLOCK_MULTIPLE:
+        return "triton", f"kvcache_block_size={block_size} is not a multiple of {FLASH_ATTN_BLOCK_MULTIPLE}"
+    return "flash_attn", "flash_attn is installed and the block size suits it"
+
+
+def create_backend(requested: str, device: torch.device, block_size: int, num_heads: int, head_dim: int,
+                   max_num_seqs: int, max_model_len: int) -> AttentionBackend:
+    name, why = choose_backend_name(requested, device, block_size)
+    logger.info("attention backend: %s (%s)", name, why)
+    if name == "torch":
+        from myvllm.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "flash_attn":
+        from myvllm.attention.flash_attn_backend import FlashAttnBackend
+
+        return FlashAttnBackend()
+    from myvllm.attention.triton_backend import TritonAttentionBackend
+
+    return TritonAttentionBackend(num_heads, head_dim, max_num_seqs, max_model_len, block_size, device)

@@ -1,0 +1,54 @@
+"""Our own Triton kernels: KV store, varlen paged prefill, split-KV decode.
+
+Decode-only steps use the split-KV (flash-decoding) kernel, whose grid depends
+only on the batch size, so it replays inside CUDA graphs; every other step
+(prefill, chunked prefill, prefix hits, mixed prefill + decode) uses the varlen
+paged kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from myvllm.attention.backend import AttentionBackend, AttentionMetadata
+from myvllm.kernels.triton_decode_attention import (
+    allocate_decode_workspace,
+    decode_attention,
+    default_num_splits,
+)
+from myvllm.kernels.triton_kv_store import store_kvcache
+from myvllm.kernels.triton_prefill_attention import prefill_attention
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    def __init__(self, num_heads: int, head_dim: int, max_num_seqs: int, max_model_len: int,
+                 block_size: int, device: torch.device) -> None:
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_splits = default_num_splits(max_model_len, block_size)
+        self.device = device
+        self._workspace_batch = 0
+        self._ensure_workspace(max_num_seqs)
+
+    def _ensure_workspace(self, batch: int) -> None:
+        if batch > self._workspace_batch:
+            self.partial_out, self.partial_lse = allocate_decode_workspace(
+                batch, self.num_heads, self.head_dim, self.num_splits, self.device
+            )
+            self._workspace_batch = batch
+
+    def init_graph_buffers(self, max_batch_size: int) -> None:
+        self._ensure_workspace(max_batch_size)
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        if meta.is_decode_only:
+            decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale,
+                             self.partial_out, self.partial_lse, self.num_splits)
+        else:
+            prefill_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
+                              meta.block_tables, meta.max_query_len, scale)
+        return out

@@ -1,0 +1,114 @@
+"""Linear layers laid out for tensor parallelism, each weight with its own loader.
+
+Column-parallel layers split the output features over ranks; row-parallel layers
+split the input features and sum the partial products with an all-reduce. Each
+parameter carries `weight_loader(param, loaded_weight, shard_id=None)`, which
+copies this rank's part of a checkpoint tensor into it (and, for packed layers,
+into the right slice), checking the shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
+
+
+def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(
+            f"shape mismatch{f' for {name}' if name else ''}: checkpoint has {tuple(loaded.shape)}, "
+            f"the model expects {tuple(param.shape)}"
+        )
+    param.data.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup, tp_dim: int | None) -> None:
+        super().__init__()
+        self.tp = tp
+        self.tp_dim = tp_dim  # which weight dim is split over ranks (None: replicated)
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if self.tp_dim is not None and self.tp.size > 1:
+            size = param.shape[self.tp_dim]
+            loaded = loaded.narrow(self.tp_dim, self.tp.rank * size, size)
+        _copy_checked(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup = SINGLE) -> None:
+        super().__init__(input_size, output_size, tp, None)
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup = SINGLE) -> None:
+        if output_size % tp.size:
+            raise ValueError(f"output size {output_size} is not divisible by tensor_parallel_size={tp.size}")
+        super().__init__(input_size, output_size // tp.size, tp, 0)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input in one matrix (gate_up_proj)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], tp: TensorParallelGroup = SINGLE) -> None:
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+        size = self.output_sizes[shard_id] // self.tp.size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp.size
+        if self.tp.size > 1:
+            loaded = loaded.narrow(0, self.tp.rank * size, size)
+        _copy_checked(param.data.narrow(0, offset, size), loaded)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matrix, split by heads; KV heads are replicated
+    when there are fewer of them than ranks."""
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+        tp: TensorParallelGroup = SINGLE,
+    ) -> None:
+        if num_heads % tp.size:
+            raise ValueError(f"num_attention_heads={num_heads} is not divisible by tensor_parallel_size={tp.size}")
+        if num_kv_heads % tp.size and tp.size % num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads={num_kv_heads} and tensor_parallel_size={tp.size}: one must divide the other"
+            )
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp.size
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.kv_replicas = max(1, tp.size // num_kv_heads)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        LinearBase.__init__(self, hidden_size, out, tp, 0)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, rank = 0, q_size, self.tp.rank
+        else:
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size, rank = kv_size, self.tp.rank // self.kv_replicas
+        if self.tp.size > 1:
+            loaded = loaded.narrow(0, rank * size, size)
+        _copy_checked(param.data.narrow(0, offset, size), loaded)
+
+
+class RowParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup = SINGLE) -> None:
+        if input_size % tp.size:
+            raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size={tp.size}")
+        super().__init__(input_size // tp.size, output_size, tp, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight))

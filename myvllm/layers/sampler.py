@@ -1,0 +1,101 @@
+"""Vectorised sampling over a batch of logits.
+
+Per row, in this order: tokens banned until `min_tokens` is reached get -inf;
+greedy rows take the argmax; the others divide by their temperature, keep the
+top_k logits, keep the smallest set of tokens whose probability reaches top_p,
+drop tokens under min_p times the largest probability, and sample. Sampling uses
+the exponential race (argmax of p / E with E ~ Exp(1)), which draws from p
+exactly and needs no host sync; a row with its own seed draws its E from its own
+generator, so its tokens do not depend on what else is in the batch.
+
+Log-probabilities are those of the raw model distribution (before temperature
+and masks), as vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters on the device, built once per step."""
+
+    temperatures: torch.Tensor  # [N] float32; 1.0 on greedy rows
+    greedy: torch.Tensor | None  # [N] bool, None when no row or every row is greedy
+    all_greedy: bool
+    top_k: torch.Tensor | None = None  # [N] int64; vocab size where disabled
+    top_p: torch.Tensor | None = None  # [N] float32; 1.0 where disabled
+    min_p: torch.Tensor | None = None  # [N] float32; 0.0 where disabled
+    seeded: list[tuple[int, torch.Generator]] | None = None  # (row, its generator)
+    generator: torch.Generator | None = None  # for rows without a seed
+    banned_rows: torch.Tensor | None = None  # [M] rows, paired with banned_tokens [M]
+    banned_tokens: torch.Tensor | None = None
+    num_logprobs: int | None = None  # the largest logprobs=k among the rows, None if none asks
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [N] int64
+    logprobs: torch.Tensor | None = None  # [N] raw logprob of the sampled token
+    ranks: torch.Tensor | None = None  # [N] rank of the sampled token (1 = most likely)
+    top_logprobs: torch.Tensor | None = None  # [N, k]
+    top_ids: torch.Tensor | None = None  # [N, k]
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Set to -inf every logit outside the row's top_k and outside its top_p nucleus."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
+    if top_k is not None:
+        rank = torch.arange(logits.shape[-1], device=logits.device)
+        sorted_logits.masked_fill_(rank[None, :] >= top_k[:, None], float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        drop = mass_before >= top_p[:, None]
+        drop[:, 0] = False  # the most likely token always stays
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero probabilities under min_p x the row's largest probability."""
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+class Sampler(nn.Module):
+    def forward(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
+        """logits [N, V] -> sampled token ids [N] (and logprobs when asked)."""
+        logits = logits.float()
+        out = SamplerOutput(token_ids=torch.empty(0))
+        if st.num_logprobs is not None:
+            raw = torch.log_softmax(logits, dim=-1)
+        if st.banned_rows is not None:
+            logits = logits.index_put((st.banned_rows, st.banned_tokens), torch.tensor(float("-inf"),
+                                      device=logits.device))
+        greedy_ids = logits.argmax(dim=-1)
+        if st.all_greedy:
+            out.token_ids = greedy_ids
+        else:
+            x = logits / st.temperatures[:, None]
+            if st.top_k is not None or st.top_p is not None:
+                x = apply_top_k_top_p(x, st.top_k, st.top_p)
+            probs = x.softmax(dim=-1)
+            if st.min_p is not None:
+                probs = apply_min_p(probs, st.min_p)
+            race = torch.empty_like(probs).exponential_(generator=st.generator)
+            for row, gen in st.seeded or ():
+                race[row].exponential_(generator=gen)
+            sampled = probs.div_(race).argmax(dim=-1)
+            out.token_ids = sampled if st.greedy is None else torch.where(st.greedy, greedy_ids, sampled)
+        if st.num_logprobs is not None:
+            chosen = raw.gather(-1, out.token_ids[:, None])  # [N, 1]
+            out.logprobs = chosen.squeeze(-1)
+            out.ranks = (raw > chosen).sum(dim=-1) + 1
+            if st.num_logprobs > 0:
+                out.top_logprobs, out.top_ids = raw.topk(st.num_logprobs, dim=-1)
+        return out

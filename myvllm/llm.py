@@ -1,0 +1,146 @@
+"""The offline API: LLM(model, **engine_args).generate(...) / .chat(...)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as SequenceABC
+
+from tqdm.auto import tqdm
+
+from myvllm.config import EngineConfig
+from myvllm.outputs import RequestOutput
+from myvllm.runtime.engine import LLMEngine, PromptType
+from myvllm.sampling_params import SamplingParams
+
+
+def _is_token_list(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool)
+                                                               for t in x)
+
+
+class LLM:
+    """An engine for offline batched generation.
+
+    >>> llm = LLM("./huggingface/Qwen3-0.6B")
+    >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0.6, max_tokens=64))
+    """
+
+    def __init__(self, model: str, **engine_args) -> None:
+        self.config = EngineConfig.from_kwargs(model, **engine_args)
+        self.engine = LLMEngine(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    @staticmethod
+    def _normalize_prompts(prompts) -> list[PromptType]:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if _is_token_list(prompts):
+            return [list(prompts)]
+        if isinstance(prompts, SequenceABC) and not isinstance(prompts, (bytes, bytearray)):
+            prompts = list(prompts)
+            for i, p in enumerate(prompts):
+                if isinstance(p, (str, dict)) or _is_token_list(p):
+                    continue
+                if isinstance(p, (list, tuple)) and not p:
+                    raise ValueError(f"prompt {i} is empty: it must have at least one token")
+                raise TypeError(
+                    f"prompt {i} is a {type(p).__name__}: each prompt must be a str, a list of int token ids "
+                    f"or a dict with 'prompt_token_ids'"
+                )
+            return prompts
+        raise TypeError(
+            f"prompts must be a str, a list of str, a list of token-id lists or dicts; got {type(prompts).__name__}"
+        )
+
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; results come back in prompt order.
+
+        A bad prompt or parameter raises before any request is queued, so the engine
+        is left as it was.
+        """
+        prompts = self._normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        elif isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(
+                    f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt"
+                )
+            params = list(sampling_params)
+        else:
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
+                            f"got {type(sampling_params).__name__}")
+        engine = self.engine
+        for p in params:
+            engine.check_params(p)
+        checked = [engine.tokenize_prompt(p) for p in prompts]
+        ids = [engine.add_request({"prompt_token_ids": tok}, p) for (_, tok), p in zip(checked, params)]
+        for rid, (text, _) in zip(ids, checked):
+            engine.requests[rid].prompt = text
+        try:
+            outputs = self._run(ids, use_tqdm)
+        except BaseException:  # KeyboardInterrupt included: leave the engine clean for the next call
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        return [outputs[rid] for rid in ids]
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        pending = set(request_ids)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        start = time.perf_counter()
+        num_out_tokens = 0
+        while pending:
+            for out in self.engine.step():
+                if out.request_id in pending:
+                    pending.discard(out.request_id)
+                    results[out.request_id] = out
+                    num_out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                    bar.update(1)
+                    bar.set_postfix(output_tok_s=f"{num_out_tokens / (time.perf_counter() - start):.0f}")
+            if pending and not self.engine.has_unfinished_requests():
+                raise RuntimeError(f"requests {sorted(pending)} were lost by the engine")
+        bar.close()
+        return results
+
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+        enable_thinking: bool | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them, through
+        the tokenizer's chat template. enable_thinking is passed to the template (Qwen3)."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer, but skip_tokenizer_init=True")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        kwargs = dict(chat_template_kwargs or {})
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        prompts = []
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
+                raise TypeError(f"conversation {i} must be a list of {{'role', 'content'}} dicts")
+            text = tokenizer.apply_chat_template(list(conv), tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt, **kwargs)
+            prompts.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for out, p in zip(outputs, prompts):
+            out.prompt = tokenizer.decode(p["prompt_token_ids"])
+        return outputs

@@ -1,0 +1,140 @@
+"""The Qwen3 dense decoder, built from layers/ and the ops in kernels/.
+
+    embed -> [input_norm -> attention -> post_norm -> MLP] x L -> norm -> LM head
+
+Residual adds are fused into the following RMSNorm. Attention packs q/k/v into one
+projection, applies per-head RMSNorm to q and k, then rotary, then paged attention.
+`packed_modules_mapping` tells the loader which checkpoint tensors go into which
+slice of a packed parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from myvllm.attention.backend import AttentionBackend, AttentionMetadata
+from myvllm.config import ModelConfig
+from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
+from myvllm.layers.activation import SiluAndMul
+from myvllm.layers.attention import Attention
+from myvllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from myvllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from myvllm.layers.norm import RMSNorm
+from myvllm.layers.rotary import RotaryEmbedding
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops,
+                 tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.ops = ops
+        self.eps = cfg.rms_norm_eps
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, tp)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, tp)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
+        self.rotary = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, backend)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) * D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # strided views of qkv
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.eps, positions,
+                                     self.rotary.cos_sin_cache)
+        out = self.attn(q, k, v, meta)  # [T, H, D]
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
+        self.act = SiluAndMul(ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops,
+                 tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Qwen3Attention(cfg, rotary, backend, ops, tp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = Qwen3MLP(cfg, ops, tp)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_position: int, backend: AttentionBackend, ops,
+                 tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(cfg, rotary, backend, ops, tp) for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class Qwen3ForCausalLM(nn.Module):
+    # checkpoint name -> (parameter name, shard id) for packed parameters
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, max_position: int, backend: AttentionBackend, ops,
+                 tp: TensorParallelGroup = SINGLE) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen3Model(cfg, max_position, backend, ops, tp)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Logits [N, vocab] of the rows meta.logits_indices selects (the ones sampled)."""
+        return self.lm_head(hidden[meta.logits_indices])
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]

@@ -1,0 +1,240 @@
+"""LLMEngine: requests in, one scheduled step at a time, RequestOutputs out.
+
+    add_request -> validate, tokenize, n Sequences -> scheduler.add
+    step        -> scheduler.schedule -> model_runner.execute -> scheduler.update
+                   -> stop checks -> free finished -> outputs of finished requests
+    abort_request frees a request's blocks wherever it is (waiting, running, preempted).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+
+from myvllm.config import EngineConfig, ModelConfig
+from myvllm.models.resolve import load_generation_eos, load_tokenizer, resolve_model
+from myvllm.outputs import CompletionOutput, RequestOutput
+from myvllm.runtime.block_manager import BlockManager
+from myvllm.runtime.model_runner import ModelRunner
+from myvllm.runtime.scheduler import Scheduler
+from myvllm.runtime.sequence import Sequence, SequenceStatus
+from myvllm.runtime.stop_checker import StopChecker
+from myvllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        resolved = resolve_model(config)
+        self.model_config: ModelConfig = resolved.model_config
+        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        if self.max_model_len < config.max_model_len:
+            logger.info("max_model_len lowered to the model's max_position_embeddings=%d", self.max_model_len)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config, resolved)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if resolved.path is not None:
+            self.eos_token_ids |= load_generation_eos(resolved.path)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        checkpoint = None if config.load_format == "dummy" else resolved.path
+        self.runner = ModelRunner(config, self.model_config, self.max_model_len, checkpoint)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size,
+                                          config.enable_prefix_caching)
+        graph_sizes = self.runner.graph_runner.batch_sizes if self.runner.graph_runner else []
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   graph_sizes)
+        self.stop_checker = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._request_ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def next_request_id(self) -> str:
+        return str(next(self._request_ids))
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Validate one prompt and return (text or None, token ids)."""
+        text = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                text = prompt["prompt"]
+                if not isinstance(text, str):
+                    raise TypeError(f"prompt['prompt'] must be a str, got {type(text).__name__}")
+                ids = None
+            else:
+                raise ValueError("a dict prompt needs the key 'prompt_token_ids' or 'prompt'")
+        elif isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, (list, tuple)):
+            ids = prompt
+        else:
+            raise TypeError(
+                f"a prompt must be a str, a list of token ids or a dict with 'prompt_token_ids', "
+                f"got {type(prompt).__name__}"
+            )
+        if ids is None:
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer, but skip_tokenizer_init=True: pass token ids")
+            if not text:
+                raise ValueError("prompt is empty: it must have at least one token")
+            ids = self.tokenizer.encode(text)
+        ids = self._check_token_ids(ids)
+        return text, ids
+
+    def _check_token_ids(self, ids) -> list[int]:
+        if not isinstance(ids, (list, tuple)):
+            raise TypeError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
+        vocab = self.model_config.vocab_size
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"prompt token {i} is {t!r} ({type(t).__name__}): token ids must be ints")
+            if not 0 <= t < vocab:
+                raise ValueError(f"prompt token {i} is {t}: token ids must be in [0, {vocab - 1}]")
+        if not ids:
+            raise ValueError("prompt is empty: it must have at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens: it must be shorter than max_model_len={self.max_model_len} "
+                f"(at most {self.max_model_len - 1} tokens)"
+            )
+        need = math.ceil((len(ids) + 1) / self.config.kvcache_block_size)
+        if need > self.runner.num_blocks:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens and needs {need} KV blocks, but the cache has "
+                f"{self.runner.num_blocks} in all"
+            )
+        return list(ids)
+
+    def check_params(self, params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} is out of range: must be <= max_logprobs="
+                             f"{self.config.max_logprobs}")
+        if params.stop_list and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, but skip_tokenizer_init=True: use stop_token_ids")
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue one request; returns its id. Raises before queueing anything."""
+        params = SamplingParams() if params is None else params
+        self.check_params(params)
+        text, ids = self.tokenize_prompt(prompt)
+        request_id = self.next_request_id() if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        state = RequestState(request_id, text, ids, params)
+        banned = sorted(set(params.stop_token_ids or []) | (set() if params.ignore_eos else self.eos_token_ids))
+        arrival = next(self._arrivals)
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seq = Sequence(next(self._seq_ids), request_id, ids, params, index=i, seed=seed, arrival=arrival)
+            seq.min_tokens_banned = banned if params.min_tokens else []
+            state.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = state
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks; returns its partial output."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        self.runner.release([s.seq_id for s in state.seqs])
+        return self._make_output(state)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns the outputs of requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        result = self.runner.execute(batch)
+        for seq, lp in zip(batch.seqs, result.logprobs):
+            if lp is not None and seq.logprobs is not None:
+                seq.cumulative_logprob += lp[0]
+                seq.logprobs.append(lp[1])
+        finished_requests = []
+        for seq in self.scheduler.update(batch, result.token_ids):
+            stop = self.stop_checker.check(seq)
+            if stop is not None:
+                self.scheduler.finish(seq, stop[0])
+                seq.stop_reason = stop[1]
+                state = self.requests[seq.request_id]
+                if state.finished:
+                    finished_requests.append(state)
+        outputs = []
+        for state in finished_requests:
+            del self.requests[state.request_id]
+            self.runner.release([s.seq_id for s in state.seqs])
+            outputs.append(self._make_output(state))
+        return outputs
+
+    # ---- outputs -------------------------------------------------------------------------------
+
+    def _text(self, seq: Sequence) -> str:
+        if seq.output_text is not None:
+            return seq.output_text
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def _make_output(self, state: RequestState) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=self._text(seq),
+                token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=seq.logprobs,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in state.seqs
+        ]
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=state.finished,
+            num_cached_tokens=max(s.num_cached_prompt_tokens for s in state.seqs),
+        )
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+        for seq in self.scheduler.all_seqs():
+            assert seq.status is not SequenceStatus.FINISHED, f"finished {seq} is still queued"

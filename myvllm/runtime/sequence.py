@@ -1,0 +1,100 @@
+"""One sequence's state: its tokens, status, KV block table and sampling params.
+
+A request with n > 1 becomes n sequences that share the request id.
+
+Token accounting:
+    token_ids = prompt + generated tokens
+    num_computed_tokens = leading tokens whose K/V are in the cache (prefix-cache
+    hits included). The next step computes token_ids[num_computed_tokens:...].
+    A sequence samples a token in a step whose chunk reaches the end of token_ids.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from myvllm.outputs import Logprob
+from myvllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class StopState:
+    """Incremental detokenization state, kept only for sequences that need text early."""
+
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+
+class Sequence:
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        seed: int | None = None,
+        arrival: int = 0,
+    ) -> None:
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # position among the request's n samples
+        self.params = params
+        self.seed = seed
+        self.arrival = arrival  # admission order key; preserved across preemption
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_hashed_blocks = 0  # leading blocks of block_table already offered to the cache
+        self.block_hashes: list[bytes] = []  # chain hashes of leading full blocks of token_ids
+        self.num_cached_prompt_tokens = 0  # prefix-cache hit at first admission
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.stop_state: StopState | None = None  # set when text is needed while running
+        self.min_tokens_banned: list[int] = []  # ids that cannot be sampled before min_tokens
+        self.output_text: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, req={self.request_id!r}, status={self.status.value}, "
+            f"tokens={len(self)}, computed={self.num_computed_tokens}, blocks={self.block_table})"
+        )
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,110 @@
+"""ScheduledBatch -> the flat arrays one forward step needs, built with numpy on the host.
+
+For B sequences with n_b new tokens each (T = sum n_b):
+    input_ids, positions, slot_mapping   [T]
+    seq_lens                             [B]      cached + new
+    query_start_loc                      [B + 1]  cumulative n_b
+    block_tables                         [B, W]   W = longest table (0-padded: a valid
+                                                  block, never read past seq_len)
+    logits_indices                       [N]      last token of each sampling sequence
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from myvllm.attention.backend import AttentionMetadata
+from myvllm.runtime.scheduler import ScheduledBatch
+
+
+@dataclass
+class StepInputs:
+    input_ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    slot_mapping: np.ndarray  # int64 [T]
+    seq_lens: np.ndarray  # int32 [B]
+    query_start_loc: np.ndarray  # int32 [B + 1]
+    block_tables: np.ndarray  # int32 [B, W]
+    logits_indices: np.ndarray  # int64 [N]
+    sample_rows: list[int]  # batch rows that sample, in logits order
+    max_query_len: int
+    max_seq_len: int
+    is_decode_only: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids, positions, metadata) as device tensors."""
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=put(self.slot_mapping),
+            block_tables=put(self.block_tables),
+            seq_lens=put(self.seq_lens),
+            query_start_loc=put(self.query_start_loc),
+            max_query_len=self.max_query_len,
+            max_seq_len=self.max_seq_len,
+            logits_indices=put(self.logits_indices),
+            is_decode_only=self.is_decode_only,
+        )
+        return put(self.input_ids), put(self.positions), meta
+
+
+def block_table_array(tables: list[list[int]], width: int | None = None) -> np.ndarray:
+    """Ragged block tables -> [B, width] int32, zero-padded."""
+    width = max((len(t) for t in tables), default=0) if width is None else width
+    out = np.zeros((len(tables), max(width, 1)), dtype=np.int32)
+    for i, table in enumerate(tables):
+        out[i, :len(table)] = table
+    return out
+
+
+def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
+    seqs = batch.seqs
+    num_seqs = len(seqs)
+    new = np.asarray(batch.num_new_tokens, dtype=np.int64)
+    computed = np.asarray(batch.num_computed_tokens, dtype=np.int64)
+    seq_lens = computed + new
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(new, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+
+    if batch.is_decode_only:
+        input_ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=num_seqs)
+        positions = computed
+        token_rows = np.arange(num_seqs)
+    else:
+        chunks = (s.token_ids[c:c + n] for s, c, n in zip(seqs, batch.num_computed_tokens, batch.num_new_tokens))
+        input_ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=num_tokens)
+        token_rows = np.repeat(np.arange(num_seqs), new)
+        # token j of row b sits at computed[b] + (j - query_start_loc[b])
+        positions = np.arange(num_tokens) + np.repeat(computed - query_start_loc[:-1], new)
+
+    block_tables = block_table_array([s.block_table for s in seqs])
+    slot_mapping = block_tables[token_rows, positions // block_size].astype(np.int64) * block_size
+    slot_mapping += positions % block_size
+
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=num_seqs)
+    sample_rows = np.nonzero(seq_lens == lengths)[0]
+    logits_indices = query_start_loc[1:][sample_rows] - 1
+    return StepInputs(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        seq_lens=seq_lens.astype(np.int32),
+        query_start_loc=query_start_loc.astype(np.int32),
+        block_tables=block_tables,
+        logits_indices=logits_indices,
+        sample_rows=sample_rows.tolist(),
+        max_query_len=int(new.max()),
+        max_seq_len=int(seq_lens.max()),
+        is_decode_only=batch.is_decode_only,
+    )
