@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
 
@@ -34,22 +33,11 @@ class LLM:
 
     @staticmethod
     def _normalize_prompts(prompts) -> list[PromptType]:
-        if isinstance(prompts, (str, dict)):
+        """A single prompt or a list of them -> a list (contents are checked by the engine)."""
+        if isinstance(prompts, (str, dict)) or _is_token_list(prompts):
             return [prompts]
-        if _is_token_list(prompts):
-            return [list(prompts)]
-        if isinstance(prompts, SequenceABC) and not isinstance(prompts, (bytes, bytearray)):
-            prompts = list(prompts)
-            for i, p in enumerate(prompts):
-                if isinstance(p, (str, dict)) or _is_token_list(p):
-                    continue
-                if isinstance(p, (list, tuple)) and not p:
-                    raise ValueError(f"prompt {i} is empty: it must have at least one token")
-                raise TypeError(
-                    f"prompt {i} is a {type(p).__name__}: each prompt must be a str, a list of int token ids "
-                    f"or a dict with 'prompt_token_ids'"
-                )
-            return prompts
+        if isinstance(prompts, (list, tuple)):
+            return list(prompts)
         raise TypeError(
             f"prompts must be a str, a list of str, a list of token-id lists or dicts; got {type(prompts).__name__}"
         )
@@ -82,7 +70,12 @@ class LLM:
         engine = self.engine
         for p in params:
             engine.check_params(p)
-        checked = [engine.tokenize_prompt(p) for p in prompts]
+        checked = []
+        for i, prompt in enumerate(prompts):
+            try:
+                checked.append(engine.tokenize_prompt(prompt))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"prompt {i}: {e}") from e
         ids = [engine.add_request({"prompt_token_ids": tok}, p) for (_, tok), p in zip(checked, params)]
         for rid, (text, _) in zip(ids, checked):
             engine.requests[rid].prompt = text

@@ -1,0 +1,123 @@
+"""Sampler masks on crafted logits, and the sampled distribution against softmax."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from myvllm.layers.sampler import Sampler, SamplingTensors, apply_min_p, apply_top_k_top_p
+
+NEG_INF = float("-inf")
+
+
+def kept(x: torch.Tensor) -> list[list[int]]:
+    return [sorted(torch.nonzero(row != NEG_INF).flatten().tolist()) for row in x]
+
+
+def test_top_k_keeps_exactly_k_largest():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    out = apply_top_k_top_p(logits, torch.tensor([2, 5]), None)
+    assert kept(out) == [[1, 3], [0, 1, 2, 3, 4]]
+    assert torch.equal(out[1], logits[1])
+    assert out[0, 1] == 3.0 and out[0, 3] == 2.0
+
+
+def test_top_p_keeps_smallest_nucleus():
+    # probabilities 0.5, 0.25, 0.15, 0.1 (in a shuffled order)
+    probs = torch.tensor([[0.15, 0.5, 0.1, 0.25]])
+    logits = probs.log()
+    assert kept(apply_top_k_top_p(logits, None, torch.tensor([0.6]))) == [[1, 3]]  # 0.5 < 0.6 <= 0.75
+    assert kept(apply_top_k_top_p(logits, None, torch.tensor([0.4]))) == [[1]]  # top token always stays
+    assert kept(apply_top_k_top_p(logits, None, torch.tensor([0.8]))) == [[0, 1, 3]]
+    assert kept(apply_top_k_top_p(logits, None, torch.tensor([1.0]))) == [[0, 1, 2, 3]]
+
+
+def test_top_k_then_top_p():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    # top_k=3 renormalises to 0.444, 0.333, 0.222: top_p=0.7 then keeps two tokens.
+    out = apply_top_k_top_p(probs.log(), torch.tensor([3]), torch.tensor([0.7]))
+    assert kept(out) == [[0, 1]]
+
+
+def test_min_p_drops_tokens_below_fraction_of_max():
+    probs = torch.tensor([[0.5, 0.3, 0.12, 0.08], [0.25, 0.25, 0.25, 0.25]])
+    out = apply_min_p(probs, torch.tensor([0.2, 0.9]))
+    assert torch.nonzero(out[0]).flatten().tolist() == [0, 1, 2]  # threshold 0.1
+    assert torch.equal(out[1], probs[1])
+
+
+def st_for(rows: int, temperature: float, gen: torch.Generator, **kw) -> SamplingTensors:
+    return SamplingTensors(temperatures=torch.full((rows,), temperature), greedy=None, all_greedy=False,
+                           generator=gen, **kw)
+
+
+def test_greedy_rows_take_argmax_in_a_mixed_batch():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    greedy = torch.tensor([True, False, True, False, True, False])
+    st = SamplingTensors(temperatures=torch.tensor([1.0, 5.0, 1.0, 5.0, 1.0, 5.0]), greedy=greedy,
+                         all_greedy=False, generator=torch.Generator().manual_seed(1))
+    out = Sampler()(logits, st).token_ids
+    assert torch.equal(out[greedy], logits.argmax(-1)[greedy])
+
+
+def test_sampled_masks_are_respected():
+    logits = torch.randn(2000, 20, generator=torch.Generator().manual_seed(0))
+    st = st_for(2000, 1.0, torch.Generator().manual_seed(1), top_k=torch.full((2000,), 3))
+    out = Sampler()(logits, st).token_ids
+    top3 = logits.topk(3).indices
+    assert (top3 == out[:, None]).any(-1).all()
+
+
+def test_temperature_sampling_matches_softmax_chi_square():
+    """20000 draws from softmax(logits / T) with a fixed seed pass a chi-square test."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5])
+    temperature = 0.7
+    n = 20000
+    st = st_for(n, temperature, torch.Generator().manual_seed(1234))
+    draws = Sampler()(logits.expand(n, -1).clone(), st).token_ids
+    counts = torch.bincount(draws, minlength=8).double()
+    expected = torch.softmax(logits.double() / temperature, -1) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 24.32, f"chi-square {chi2:.2f} over the 0.1% critical value for 7 degrees of freedom"
+    # and a wrong temperature is rejected by the same test
+    wrong = torch.softmax(logits.double() / 1.0, -1) * n
+    assert float(((counts - wrong) ** 2 / wrong).sum()) > 24.32
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    vocab = 64
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(3))
+
+    def sample_with(batch_size: int, position: int) -> list[int]:
+        gen = torch.Generator().manual_seed(42)
+        tokens = []
+        for _ in range(10):
+            logits = torch.randn(batch_size, vocab)
+            logits[position] = row
+            st = st_for(batch_size, 1.0, torch.Generator().manual_seed(len(tokens)), seeded=[(position, gen)])
+            tokens.append(int(Sampler()(logits, st).token_ids[position]))
+        return tokens
+
+    alone = sample_with(1, 0)
+    assert sample_with(7, 3) == alone
+    assert sample_with(32, 31) == alone
+    assert len(set(alone)) > 1
+
+
+def test_logprobs_and_ranks():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    st = SamplingTensors(temperatures=torch.ones(1), greedy=None, all_greedy=True, num_logprobs=2)
+    out = Sampler()(logits, st)
+    ref = torch.log_softmax(logits, -1)
+    assert out.token_ids.tolist() == [1]
+    assert math.isclose(out.logprobs.item(), ref[0, 1].item(), abs_tol=1e-6)
+    assert out.ranks.tolist() == [1]
+    assert out.top_ids.tolist() == [[1, 2]]
+
+
+def test_banned_tokens_cannot_be_sampled():
+    logits = torch.tensor([[0.0, 10.0, 1.0], [10.0, 0.0, 1.0]])
+    st = SamplingTensors(temperatures=torch.ones(2), greedy=None, all_greedy=True,
+                         banned_rows=torch.tensor([0, 1]), banned_tokens=torch.tensor([1, 0]))
+    assert Sampler()(logits, st).token_ids.tolist() == [2, 2]
