@@ -24,7 +24,7 @@ from torch import nn
 class SamplingTensors:
     """Per-row sampling parameters on the device, built once per step."""
 
-    temperatures: torch.Tensor  # [N] float32; 1.0 on greedy rows
+    temperatures: torch.Tensor | None  # [N] float32, 1.0 on greedy rows; None when all are greedy
     greedy: torch.Tensor | None  # [N] bool, None when no row or every row is greedy
     all_greedy: bool
     top_k: torch.Tensor | None = None  # [N] int64; vocab size where disabled
@@ -75,8 +75,8 @@ class Sampler(nn.Module):
         if st.num_logprobs is not None:
             raw = torch.log_softmax(logits, dim=-1)
         if st.banned_rows is not None:
-            logits = logits.index_put((st.banned_rows, st.banned_tokens), torch.tensor(float("-inf"),
-                                      device=logits.device))
+            neg_inf = torch.full((), float("-inf"), device=logits.device)  # a device fill, no host copy
+            logits = logits.index_put((st.banned_rows, st.banned_tokens), neg_inf)
         greedy_ids = logits.argmax(dim=-1)
         if st.all_greedy:
             out.token_ids = greedy_ids

@@ -27,7 +27,7 @@ from myvllm.outputs import Logprob
 from myvllm.runtime import kv_cache
 from myvllm.runtime.scheduler import ScheduledBatch
 from myvllm.runtime.sequence import Sequence
-from myvllm.runtime.step_inputs import StepInputs, build_step_inputs
+from myvllm.runtime.step_inputs import StepInputs, build_step_inputs, host_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -193,32 +193,31 @@ class ModelRunner:
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         dev = self.device
         params = [s.params for s in seqs]
-        greedy = [p.is_greedy for p in params]
-        all_greedy = all(greedy)
-        st = SamplingTensors(
-            temperatures=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
-                                      dtype=torch.float32, device=dev),
-            greedy=None if all_greedy or not any(greedy) else torch.tensor(greedy, device=dev),
-            all_greedy=all_greedy,
-            generator=self.generator,
-        )
+        greedy = np.fromiter((p.is_greedy for p in params), dtype=bool, count=len(params))
+        all_greedy = bool(greedy.all())
+        st = SamplingTensors(temperatures=None, greedy=None, all_greedy=all_greedy, generator=self.generator)
         if not all_greedy:
+            temps = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
+            temps[greedy] = 1.0
+            st.temperatures = host_to_device(temps, dev)
+            if greedy.any():
+                st.greedy = host_to_device(greedy, dev)
             vocab = self.model_config.vocab_size
             if any(p.top_k_enabled for p in params):
-                st.top_k = torch.tensor([p.top_k if p.top_k_enabled else vocab for p in params], device=dev)
+                st.top_k = host_to_device(np.array([p.top_k if p.top_k_enabled else vocab for p in params]), dev)
             if any(p.top_p < 1.0 for p in params):
-                st.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+                st.top_p = host_to_device(np.array([p.top_p for p in params], dtype=np.float32), dev)
             if any(p.min_p > 0.0 for p in params):
-                st.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+                st.min_p = host_to_device(np.array([p.min_p for p in params], dtype=np.float32), dev)
             seeded = [(i, self._generator_for(s)) for i, s in enumerate(seqs)
                       if s.seed is not None and not greedy[i]]
             st.seeded = seeded or None
         banned = [(i, t) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
                   for t in s.min_tokens_banned]
         if banned:
-            rows, toks = zip(*banned)
-            st.banned_rows = torch.tensor(rows, device=dev)
-            st.banned_tokens = torch.tensor(toks, device=dev)
+            pairs = np.array(banned, dtype=np.int64)
+            st.banned_rows = host_to_device(pairs[:, 0], dev)
+            st.banned_tokens = host_to_device(pairs[:, 1], dev)
         asks = [p.logprobs for p in params if p.logprobs is not None]
         st.num_logprobs = max(asks) if asks else None
         return st

@@ -21,6 +21,14 @@ from myvllm.attention.backend import AttentionMetadata
 from myvllm.runtime.scheduler import ScheduledBatch
 
 
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Copy a host array to the device without a host sync (through pinned memory on CUDA)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class StepInputs:
     input_ids: np.ndarray  # int64 [T]
@@ -43,7 +51,7 @@ class StepInputs:
         """(input_ids, positions, metadata) as device tensors."""
 
         def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(device, non_blocking=True)
+            return host_to_device(a, device)
 
         meta = AttentionMetadata(
             slot_mapping=put(self.slot_mapping),

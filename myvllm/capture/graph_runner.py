@@ -1,0 +1,131 @@
+"""Decode steps captured into CUDA graphs, one per batch-size bucket.
+
+At engine start, the decode forward (embedding -> decoder layers -> final norm) is
+captured for each bucket size, largest first, all graphs sharing one memory pool.
+Inputs live in static device buffers that every graph reads:
+
+    input_ids, positions, slot_mapping   [max_bs]
+    seq_lens                             [max_bs]
+    block_tables                         [max_bs, max_blocks_per_seq]
+    query_start_loc = arange(max_bs + 1), logits_indices = arange(max_bs) (fixed)
+
+A step with B sequences is padded by the scheduler to the smallest bucket P >= B;
+rows B..P-1 get slot -1 (write nothing) and seq_len 0 (attend to nothing) and are
+dropped. Host values go through pinned staging buffers, one copy per buffer. The
+LM head runs after the replay, on the B real rows only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from myvllm.attention.backend import AttentionMetadata
+from myvllm.config import EngineConfig
+from myvllm.runtime.step_inputs import StepInputs
+
+logger = logging.getLogger(__name__)
+
+SMALL_SIZES = (1, 2, 4, 8)
+SIZE_STEP = 16
+WARMUP_RUNS = 2
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every SIZE_STEP, and always max_batch_size itself."""
+    sizes = {s for s in SMALL_SIZES if s <= max_batch_size}
+    sizes.update(range(SIZE_STEP, max_batch_size + 1, SIZE_STEP))
+    sizes.add(max_batch_size)
+    return sorted(sizes)
+
+
+class GraphRunner:
+    def __init__(self, runner, config: EngineConfig) -> None:
+        self.runner = runner
+        self.device = runner.device
+        self.max_batch_size = min(config.max_num_seqs, config.cuda_graph_max_batch_size)
+        self.batch_sizes = graph_batch_sizes(self.max_batch_size)
+        self.max_blocks = math.ceil(runner.max_model_len / runner.block_size)
+        n, dev = self.max_batch_size, self.device
+        # rows: input_ids, positions, slot_mapping
+        self.tokens = torch.zeros(3, n, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
+        self.tokens[2].fill_(-1)
+        pin = dev.type == "cuda"
+        self.host_tokens = torch.zeros(3, n, dtype=torch.int64, pin_memory=pin)
+        self.host_seq_lens = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
+        self.host_block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # bucket -> static hidden states [bs, hidden]
+        self.pool = None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.tokens[2, :bs],
+            block_tables=self.block_tables[:bs],
+            seq_lens=self.seq_lens[:bs],
+            query_start_loc=self.query_start_loc[:bs + 1],
+            max_query_len=1,
+            max_seq_len=self.runner.max_model_len,
+            logits_indices=self.logits_indices[:bs],
+            is_decode_only=True,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        meta = self._meta(bs)
+        self.runner.backend.prepare(meta)
+        return self.runner.model(self.tokens[0, :bs], self.tokens[1, :bs], meta)
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        self.runner.backend.init_graph_buffers(self.max_batch_size)
+        for bs in reversed(self.batch_sizes):
+            for _ in range(WARMUP_RUNS):  # compiles and tunes every kernel outside the capture
+                self._forward(bs)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[bs] = self._forward(bs)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.2f s, using %.2f GiB",
+                    len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1], time.perf_counter() - start,
+                    used / (1 << 30))
+
+    def can_run(self, inputs: StepInputs, padded_batch_size: int) -> bool:
+        return inputs.is_decode_only and padded_batch_size in self.graphs
+
+    def run(self, inputs: StepInputs, padded_batch_size: int) -> torch.Tensor:
+        """Replay the bucket's graph on this step's inputs; logits [len(inputs.logits_indices), vocab]."""
+        b, p = inputs.num_tokens, padded_batch_size
+        width = inputs.block_tables.shape[1]
+        host = self.host_tokens.numpy()
+        host[0, :b] = inputs.input_ids
+        host[1, :b] = inputs.positions
+        host[2, :b] = inputs.slot_mapping
+        host[:2, b:p] = 0
+        host[2, b:p] = -1
+        lens = self.host_seq_lens.numpy()
+        lens[:b] = inputs.seq_lens
+        lens[b:p] = 0
+        tables = self.host_block_tables.numpy()
+        tables[:b, :width] = inputs.block_tables
+        # whole contiguous ranges: a strided copy would stage through pageable memory
+        self.tokens.copy_(self.host_tokens, non_blocking=True)
+        self.seq_lens[:p].copy_(self.host_seq_lens[:p], non_blocking=True)
+        self.block_tables[:b].copy_(self.host_block_tables[:b], non_blocking=True)
+        self.runner.backend.prepare_replay(self._meta(p), p)
+        self.graphs[p].replay()
+        # every sequence of a decode-only step samples: the logits rows are 0..b-1
+        return self.runner.model.lm_head(self.outputs[p][:b])
