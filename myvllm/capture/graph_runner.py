@@ -64,6 +64,7 @@ class GraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> static hidden states [bs, hidden]
         self.pool = None
+        self.capture_time = 0.0
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -99,8 +100,9 @@ class GraphRunner:
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        self.capture_time = time.perf_counter() - start
         logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.2f s, using %.2f GiB",
-                    len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1], time.perf_counter() - start,
+                    len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1], self.capture_time,
                     used / (1 << 30))
 
     def can_run(self, inputs: StepInputs, padded_batch_size: int) -> bool:

@@ -1,0 +1,168 @@
+"""The whole engine on CUDA in bf16 against transformers, graphs against eager, host syncs.
+
+Run on a GPU machine: PYTHONPATH=. python3 -m pytest -m gpu -q tests/test_gpu_engine.py
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+NUM_PROMPTS = 32
+NUM_TOKENS = 16
+MIN_AGREEMENT = 0.9
+
+
+def build_qwen3_checkpoint(path: str, shapes: dict, init_std: float) -> str:
+    """Random bf16 Qwen3 weights with the given shapes, saved as safetensors (no tokenizer)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**shapes, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096,
+                         initializer_range=init_std, architectures=["Qwen3ForCausalLM"], eos_token_id=1)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+SHAPES_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+SHAPES_SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module", params=["small", "qwen3-0.6b"])
+def checkpoint(request, tmp_path_factory):
+    shapes = SHAPES_SMALL if request.param == "small" else SHAPES_06B
+    path = build_qwen3_checkpoint(str(tmp_path_factory.mktemp(request.param)), shapes, init_std=0.1)
+    return request.param, path, shapes
+
+
+def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    """32 prompts of 20..400 tokens; every fourth shares a 300-token prefix with the previous."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(NUM_PROMPTS):
+        if i % 4 == 3:
+            prompts.append(prompts[-1][:300] + [rng.randrange(vocab) for _ in range(rng.randint(5, 50))])
+        else:
+            prompts.append([rng.randrange(vocab) for _ in range(rng.randint(20, 400))])
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def hf_reference(checkpoint):
+    from tiny_model import hf_greedy, load_hf_model
+
+    name, path, shapes = checkpoint
+    hf = load_hf_model(path, dtype=torch.bfloat16, device="cuda")
+    prompts = make_prompts(shapes["vocab_size"])
+    ref = [hf_greedy(hf, p, NUM_TOKENS) for p in prompts]
+    del hf
+    torch.cuda.empty_cache()
+    return prompts, [r[0] for r in ref], [torch.log_softmax(r[1][0].double(), -1) for r in ref]
+
+
+def run_engine(path: str, prompts, **kw):
+    from myvllm import LLM, SamplingParams
+
+    args = dict(dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.5, max_model_len=1024,
+                kvcache_block_size=16, enforce_eager=True)
+    args.update(kw)
+    llm = LLM(path, **args)
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=20)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    engine = llm.engine
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    stats = dict(preemptions=engine.scheduler.num_preemptions, hits=engine.block_manager.num_hits)
+    del llm, engine
+    torch.cuda.empty_cache()
+    return outs, stats
+
+
+def agreement(outs, expected) -> float:
+    return sum(o.outputs[0].token_ids == e for o, e in zip(outs, expected)) / len(expected)
+
+
+@pytest.mark.parametrize(
+    "variant, kw",
+    [
+        ("plain", dict(enable_prefix_caching=False)),
+        ("prefix-cache", dict(enable_prefix_caching=True)),
+        ("chunked", dict(max_num_batched_tokens=96)),
+        ("preemption", dict(num_kv_blocks=80)),
+        ("block-256", dict(kvcache_block_size=256)),
+    ],
+)
+def test_engine_matches_transformers_bf16(checkpoint, hf_reference, variant, kw):
+    name, path, _ = checkpoint
+    prompts, expected, first_logprobs = hf_reference
+    outs, stats = run_engine(path, prompts, **kw)
+    if variant == "prefix-cache":
+        assert stats["hits"] > 0
+    if variant == "preemption":
+        assert stats["preemptions"] > 0
+    rate = agreement(outs, expected)
+    diffs = []
+    for out, ref in zip(outs, first_logprobs):
+        entry = out.outputs[0].logprobs[0]
+        diffs += [abs(lp.logprob - ref[tid].item()) for tid, lp in entry.items()]
+    diffs_t = torch.tensor(diffs)
+    print(f"\n[{name} {variant}] greedy agreement {rate:.3f}; first-position logprob |diff| "
+          f"max {diffs_t.max():.4f} mean {diffs_t.mean():.4f}; {stats}")
+    assert rate >= MIN_AGREEMENT
+    assert diffs_t.mean() < 0.05
+
+
+@pytest.mark.parametrize("batch", [1, 3, 13, 64, 250])
+def test_graph_replay_equals_eager(checkpoint, batch):
+    name, path, shapes = checkpoint
+    if name != "qwen3-0.6b":
+        pytest.skip("graph check runs on the 0.6B shapes")
+    rng = random.Random(batch)
+    prompts = [[rng.randrange(shapes["vocab_size"]) for _ in range(64)] for _ in range(batch)]
+    eager, _ = run_engine(path, prompts, max_num_seqs=256)
+    graphs, _ = run_engine(path, prompts, max_num_seqs=256, enforce_eager=False)
+    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(eager, graphs))
+    worst = 0.0
+    for a, b in zip(eager, graphs):
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            common = set(step_a) & set(step_b)
+            worst = max([worst] + [abs(step_a[t].logprob - step_b[t].logprob) for t in common])
+            if a.outputs[0].token_ids != b.outputs[0].token_ids:
+                break
+    print(f"\n[graphs vs eager, batch {batch}] identical sequences {same}/{batch}, max logprob diff {worst:.4f}")
+    assert same == batch
+    assert worst < 0.05
+
+
+def test_decode_step_syncs_once(checkpoint):
+    from myvllm import LLM, SamplingParams
+
+    name, path, _ = checkpoint
+    llm = LLM(path, dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.5, max_model_len=1024,
+              kvcache_block_size=16, max_num_seqs=64)
+    engine = llm.engine
+    for i in range(5):
+        engine.add_request([i + 1] * 10, SamplingParams(temperature=0.7, max_tokens=50, ignore_eos=True))
+    engine.step()  # prefill
+    engine.step()  # first decode (warm caches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    for w in syncs:
+        print("sync:", w.message)
+    assert len(syncs) <= 1
