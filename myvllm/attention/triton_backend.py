@@ -27,7 +27,11 @@ class TritonAttentionBackend(AttentionBackend):
                  block_size: int, device: torch.device) -> None:
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.num_splits = default_num_splits(max_model_len, block_size)
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.num_splits = default_num_splits(max_model_len, block_size)  # the most any batch uses
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else None)
         self.device = device
         self._workspace_batch = 0
         self._ensure_workspace(max_num_seqs)
@@ -46,8 +50,11 @@ class TritonAttentionBackend(AttentionBackend):
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.is_decode_only:
+            # Fewer splits when the batch alone fills the GPU; depends only on B, so graph-safe.
+            splits = default_num_splits(self.max_model_len, self.block_size, batch_size=q.shape[0],
+                                        num_kv_heads=k_cache.shape[2], num_sms=self.num_sms)
             decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale,
-                             self.partial_out, self.partial_lse, self.num_splits)
+                             self.partial_out, self.partial_lse, splits)
         else:
             prefill_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
                               meta.block_tables, meta.max_query_len, scale)
