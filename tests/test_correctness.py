@@ -133,3 +133,22 @@ def test_eos_stops_generation(tiny_model_dir, reference):
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == expected[1][:first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_streaming_outputs_grow_until_finished(tiny_model_dir):
+    llm = LLM(tiny_model_dir, kvcache_block_size=16, **SMALL_KV)
+    engine = llm.engine
+    rid = engine.add_request("the quick brown fox", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                             stream=True)
+    seen = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid
+            seen.append(out)
+    assert [len(o.outputs[0].token_ids) for o in seen] == [1, 2, 3, 4, 5, 6]
+    assert [o.finished for o in seen] == [False] * 5 + [True]
+    final = llm.generate(["the quick brown fox"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert seen[-1].outputs[0].token_ids == final.outputs[0].token_ids
+    assert seen[-1].outputs[0].text == final.outputs[0].text
+    assert final.outputs[0].text.startswith(seen[2].outputs[0].text)

@@ -17,9 +17,10 @@ from myvllm.config import EngineConfig, ModelConfig
 from myvllm.models.resolve import load_generation_eos, load_tokenizer, resolve_model
 from myvllm.outputs import CompletionOutput, RequestOutput
 from myvllm.runtime.block_manager import BlockManager
+from myvllm.runtime.detokenizer import decode_new_text
 from myvllm.runtime.model_runner import ModelRunner
 from myvllm.runtime.scheduler import Scheduler
-from myvllm.runtime.sequence import Sequence, SequenceStatus
+from myvllm.runtime.sequence import Sequence, SequenceStatus, StopState
 from myvllm.runtime.stop_checker import StopChecker
 from myvllm.sampling_params import SamplingParams
 
@@ -35,6 +36,7 @@ class RequestState:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
+    stream: bool = False  # step() also reports this request while it runs
 
     @property
     def finished(self) -> bool:
@@ -138,15 +140,18 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer, but skip_tokenizer_init=True: use stop_token_ids")
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue one request; returns its id. Raises before queueing anything."""
+                    request_id: str | None = None, stream: bool = False) -> str:
+        """Validate and queue one request; returns its id. Raises before queueing anything.
+
+        With stream=True, step() returns this request's output (text so far) after every
+        step that gave it tokens, not only when it finishes."""
         params = SamplingParams() if params is None else params
         self.check_params(params)
         text, ids = self.tokenize_prompt(prompt)
         request_id = self.next_request_id() if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        state = RequestState(request_id, text, ids, params)
+        state = RequestState(request_id, text, ids, params, stream=stream)
         banned = sorted(set(params.stop_token_ids or []) | (set() if params.ignore_eos else self.eos_token_ids))
         arrival = next(self._arrivals)
         for i in range(params.n):
@@ -178,7 +183,8 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns the outputs of requests that finished in it."""
+        """Run one scheduled step; returns the outputs of requests that finished in it
+        (and of streaming requests that progressed)."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -188,19 +194,24 @@ class LLMEngine:
                 seq.cumulative_logprob += lp[0]
                 seq.logprobs.append(lp[1])
         finished_requests = []
+        streaming: dict[str, RequestState] = {}
         for seq in self.scheduler.update(batch, result.token_ids):
+            state = self.requests[seq.request_id]
             stop = self.stop_checker.check(seq)
             if stop is not None:
                 self.scheduler.finish(seq, stop[0])
                 seq.stop_reason = stop[1]
-                state = self.requests[seq.request_id]
                 if state.finished:
                     finished_requests.append(state)
+            elif state.stream:
+                streaming[state.request_id] = state
         outputs = []
         for state in finished_requests:
+            streaming.pop(state.request_id, None)
             del self.requests[state.request_id]
             self.runner.release([s.seq_id for s in state.seqs])
             outputs.append(self._make_output(state))
+        outputs.extend(self._make_output(state) for state in streaming.values())
         return outputs
 
     # ---- outputs -------------------------------------------------------------------------------
@@ -210,6 +221,11 @@ class LLMEngine:
             return seq.output_text
         if self.tokenizer is None:
             return ""
+        if not seq.is_finished:  # streaming: decode only what is new
+            if seq.stop_state is None:
+                seq.stop_state = StopState()
+            decode_new_text(self.tokenizer, seq.output_token_ids, seq.stop_state, seq.params.skip_special_tokens)
+            return seq.stop_state.text
         return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def _make_output(self, state: RequestState) -> RequestOutput:
