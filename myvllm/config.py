@@ -114,6 +114,9 @@ class EngineConfig:
     # Fixes the number of KV blocks (tests use it to force a tiny pool).
     num_kv_blocks: int | None = None
     cuda_graph_max_batch_size: int = 512
+    # Decode-only steps run this many forward passes per schedule (inputs of pass k+1 are
+    # the tokens sampled in pass k, on the device), amortising host work over them.
+    num_scheduler_steps: int = 8
     tensor_parallel_size: int = 1
     max_logprobs: int = 20
     # Fused CUDA kernels built with nvcc at first use; off falls back to torch ops.
@@ -154,6 +157,7 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _check_int("num_kv_blocks", self.num_kv_blocks, 1)
         _check_int("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size, 1)
+        _check_int("num_scheduler_steps", self.num_scheduler_steps, 1)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("max_logprobs", self.max_logprobs, 0)
         object.__setattr__(self, "device", str(resolve_device(self.device)))

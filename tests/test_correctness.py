@@ -78,6 +78,13 @@ def test_preemption_by_recompute(tiny_model_dir, reference):
     assert llm.engine.scheduler.num_preemptions > 0, "the tiny pool forced no preemption"
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_scheduler_steps_do_not_change_outputs(tiny_model_dir, reference, steps):
+    ids, expected = reference
+    llm = LLM(tiny_model_dir, kvcache_block_size=16, num_scheduler_steps=steps, **SMALL_KV)
+    check_equal(run_checked(llm, ids, GREEDY), expected)
+
+
 def test_max_num_seqs_one(tiny_model_dir, reference):
     ids, expected = reference
     llm = LLM(tiny_model_dir, kvcache_block_size=16, max_num_seqs=1, **SMALL_KV)
@@ -135,8 +142,9 @@ def test_eos_stops_generation(tiny_model_dir, reference):
     assert out.finish_reason == "stop" and out.stop_reason == stop_at
 
 
-def test_streaming_outputs_grow_until_finished(tiny_model_dir):
-    llm = LLM(tiny_model_dir, kvcache_block_size=16, **SMALL_KV)
+@pytest.mark.parametrize("steps, lengths", [(1, [1, 2, 3, 4, 5, 6]), (4, [1, 5, 6])])
+def test_streaming_outputs_grow_until_finished(tiny_model_dir, steps, lengths):
+    llm = LLM(tiny_model_dir, kvcache_block_size=16, num_scheduler_steps=steps, **SMALL_KV)
     engine = llm.engine
     rid = engine.add_request("the quick brown fox", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                              stream=True)
@@ -145,10 +153,10 @@ def test_streaming_outputs_grow_until_finished(tiny_model_dir):
         for out in engine.step():
             assert out.request_id == rid
             seen.append(out)
-    assert [len(o.outputs[0].token_ids) for o in seen] == [1, 2, 3, 4, 5, 6]
-    assert [o.finished for o in seen] == [False] * 5 + [True]
+    assert [len(o.outputs[0].token_ids) for o in seen] == lengths
+    assert [o.finished for o in seen] == [False] * (len(lengths) - 1) + [True]
     final = llm.generate(["the quick brown fox"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                          use_tqdm=False)[0]
     assert seen[-1].outputs[0].token_ids == final.outputs[0].token_ids
     assert seen[-1].outputs[0].text == final.outputs[0].text
-    assert final.outputs[0].text.startswith(seen[2].outputs[0].text)
+    assert final.outputs[0].text.startswith(seen[1].outputs[0].text)

@@ -108,8 +108,8 @@ class GraphRunner:
     def can_run(self, inputs: StepInputs, padded_batch_size: int) -> bool:
         return inputs.is_decode_only and padded_batch_size in self.graphs
 
-    def run(self, inputs: StepInputs, padded_batch_size: int) -> torch.Tensor:
-        """Replay the bucket's graph on this step's inputs; logits [len(inputs.logits_indices), vocab]."""
+    def load_host(self, inputs: StepInputs, padded_batch_size: int) -> None:
+        """Stage a decode step's host inputs into the static buffers; padding rows write nothing."""
         b, p = inputs.num_tokens, padded_batch_size
         width = inputs.block_tables.shape[1]
         host = self.host_tokens.numpy()
@@ -127,7 +127,25 @@ class GraphRunner:
         self.tokens.copy_(self.host_tokens, non_blocking=True)
         self.seq_lens[:p].copy_(self.host_seq_lens[:p], non_blocking=True)
         self.block_tables[:b].copy_(self.host_block_tables[:b], non_blocking=True)
-        self.runner.backend.prepare_replay(self._meta(p), p)
-        self.graphs[p].replay()
-        # every sequence of a decode-only step samples: the logits rows are 0..b-1
-        return self.runner.model.lm_head(self.outputs[p][:b])
+
+    def load_device(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                    seq_lens: torch.Tensor) -> None:
+        """Overwrite the first B rows of the token inputs from device tensors (later passes of a
+        multi-step batch); padding rows and block tables stay as load_host left them."""
+        b = input_ids.shape[0]
+        self.tokens[0, :b].copy_(input_ids)
+        self.tokens[1, :b].copy_(positions)
+        self.tokens[2, :b].copy_(slot_mapping)
+        self.seq_lens[:b].copy_(seq_lens)
+
+    def replay(self, num_seqs: int, padded_batch_size: int) -> torch.Tensor:
+        """Replay the bucket's graph; logits [num_seqs, vocab] of the real rows."""
+        self.runner.backend.prepare_replay(self._meta(padded_batch_size), padded_batch_size)
+        self.graphs[padded_batch_size].replay()
+        # every sequence of a decode-only step samples: the logits rows are 0..num_seqs-1
+        return self.runner.model.lm_head(self.outputs[padded_batch_size][:num_seqs])
+
+    def run(self, inputs: StepInputs, padded_batch_size: int) -> torch.Tensor:
+        """Replay on this step's host inputs; logits [len(inputs.logits_indices), vocab]."""
+        self.load_host(inputs, padded_batch_size)
+        return self.replay(inputs.num_tokens, padded_batch_size)

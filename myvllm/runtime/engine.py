@@ -63,7 +63,7 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         graph_sizes = self.runner.graph_runner.batch_sizes if self.runner.graph_runner else []
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   graph_sizes)
+                                   graph_sizes, self.max_model_len, config.num_scheduler_steps)
         self.stop_checker = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
@@ -188,31 +188,40 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        result = self.runner.execute(batch)
-        for seq, lp in zip(batch.seqs, result.logprobs):
-            if lp is not None and seq.logprobs is not None:
-                seq.cumulative_logprob += lp[0]
-                seq.logprobs.append(lp[1])
-        finished_requests = []
+        finished: list[RequestState] = []
         streaming: dict[str, RequestState] = {}
-        for seq in self.scheduler.update(batch, result.token_ids):
-            state = self.requests[seq.request_id]
-            stop = self.stop_checker.check(seq)
-            if stop is not None:
-                self.scheduler.finish(seq, stop[0])
-                seq.stop_reason = stop[1]
-                if state.finished:
-                    finished_requests.append(state)
-            elif state.stream:
-                streaming[state.request_id] = state
+        if batch.num_steps == 1:
+            self._apply(batch, self.runner.execute(batch), None, finished, streaming)
+        else:
+            for k, result in enumerate(self.runner.execute_multi_step(batch)):
+                counts = [1 if k < limit else 0 for limit in batch.step_limits]
+                self._apply(batch, result, counts, finished, streaming)
         outputs = []
-        for state in finished_requests:
+        for state in finished:
             streaming.pop(state.request_id, None)
             del self.requests[state.request_id]
             self.runner.release([s.seq_id for s in state.seqs])
             outputs.append(self._make_output(state))
         outputs.extend(self._make_output(state) for state in streaming.values())
         return outputs
+
+    def _apply(self, batch, result, counts, finished: list[RequestState],
+               streaming: dict[str, RequestState]) -> None:
+        """Append one pass's tokens, check stops, collect finished and streaming requests."""
+        for seq, lp, n in zip(batch.seqs, result.logprobs, counts or batch.num_new_tokens):
+            if lp is not None and n and seq.logprobs is not None and not seq.is_finished:
+                seq.cumulative_logprob += lp[0]
+                seq.logprobs.append(lp[1])
+        for seq in self.scheduler.update(batch, result.token_ids, counts):
+            state = self.requests[seq.request_id]
+            stop = self.stop_checker.check(seq)
+            if stop is not None:
+                self.scheduler.finish(seq, stop[0])
+                seq.stop_reason = stop[1]
+                if state.finished:
+                    finished.append(state)
+            elif state.stream:
+                streaming[state.request_id] = state
 
     # ---- outputs -------------------------------------------------------------------------------
 

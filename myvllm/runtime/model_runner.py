@@ -176,6 +176,48 @@ class ModelRunner:
             logprobs[row] = lp
         return StepResult(tokens, logprobs)
 
+    @torch.inference_mode()
+    def execute_multi_step(self, batch: ScheduledBatch) -> list[StepResult]:
+        """Run batch.num_steps decode passes; pass k+1 reads the tokens pass k sampled on the
+        device, so the host syncs once, at the end. Sequence i keeps its first
+        batch.step_limits[i] tokens; past that its rows write nothing to the cache."""
+        inputs = build_step_inputs(batch, self.block_size)
+        num_steps, b = batch.num_steps, len(batch.seqs)
+        limits = np.asarray(batch.step_limits, dtype=np.int64)
+        # [K, B] per-pass positions, slots and lengths; passes past a seq's limit repeat its
+        # last valid position with slot -1
+        offset = np.minimum(np.arange(num_steps)[:, None], limits[None, :] - 1)
+        positions = inputs.positions[None, :] + offset
+        seq_lens = (inputs.seq_lens[None, :] + offset).astype(np.int32)
+        rows = np.broadcast_to(np.arange(b), positions.shape)
+        slots = inputs.block_tables[rows, positions // self.block_size].astype(np.int64) * self.block_size
+        slots += positions % self.block_size
+        slots[np.arange(num_steps)[:, None] >= limits[None, :]] = -1
+        dev = self.device
+        positions_d, slots_d, seq_lens_d = (host_to_device(a, dev) for a in (positions, slots, seq_lens))
+        st = self.sampling_tensors(batch.seqs)
+        graph = self.graph_runner if (self.graph_runner is not None
+                                      and self.graph_runner.can_run(inputs, batch.padded_batch_size)) else None
+        outs: list[SamplerOutput] = []
+        if graph is not None:
+            graph.load_host(inputs, batch.padded_batch_size)
+        else:
+            input_ids, _, meta = inputs.to_device(dev)
+        for k in range(num_steps):
+            if graph is not None:
+                if k > 0:
+                    graph.load_device(outs[-1].token_ids, positions_d[k], slots_d[k], seq_lens_d[k])
+                logits = graph.replay(b, batch.padded_batch_size)
+            else:
+                if k > 0:
+                    input_ids = outs[-1].token_ids
+                    meta.slot_mapping, meta.seq_lens = slots_d[k], seq_lens_d[k]
+                    meta.max_seq_len = int(seq_lens[k].max())
+                logits = self.forward(input_ids, positions_d[k], meta)
+            outs.append(self.sampler(logits, st))
+        return [self._to_host(out, batch.seqs) for out in outs] if st.num_logprobs is not None else \
+            [StepResult(tokens, [None] * b) for tokens in torch.stack([o.token_ids for o in outs]).tolist()]
+
     # ---- sampling ------------------------------------------------------------------------------
 
     def _generator_for(self, seq: Sequence) -> torch.Generator:
@@ -225,7 +267,9 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
         if not seqs:
             return StepResult([], [])
-        out: SamplerOutput = self.sampler(logits, self.sampling_tensors(seqs))
+        return self._to_host(self.sampler(logits, self.sampling_tensors(seqs)), seqs)
+
+    def _to_host(self, out: SamplerOutput, seqs: list[Sequence]) -> StepResult:
         if out.logprobs is None:
             return StepResult(out.token_ids.tolist(), [None] * len(seqs))  # the step's one host sync
         token_ids = out.token_ids.tolist()

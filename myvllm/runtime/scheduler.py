@@ -34,6 +34,8 @@ class ScheduledBatch:
     num_computed_tokens: list[int]  # per seq: tokens already in the KV cache
     is_decode_only: bool
     padded_batch_size: int  # == len(seqs) unless padded up to a captured graph's size
+    num_steps: int = 1  # decode passes in this step (multi-step decoding)
+    step_limits: list[int] | None = None  # per seq: passes whose token it keeps (<= num_steps)
 
     @property
     def num_tokens(self) -> int:
@@ -57,10 +59,14 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         graph_batch_sizes: list[int] | None = None,
+        max_model_len: int | None = None,
+        num_scheduler_steps: int = 1,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.num_scheduler_steps = num_scheduler_steps
         # Decode-only batches are padded up to one of these (sizes of captured graphs).
         self.graph_batch_sizes = sorted(graph_batch_sizes or [])
         self.waiting: deque[Sequence] = deque()
@@ -162,17 +168,54 @@ class Scheduler:
             c + 1 == len(s) for s, c in zip(scheduled, computed)
         )
         padded = pick_padded_size(len(scheduled), self.graph_batch_sizes) if decode_only else len(scheduled)
-        return ScheduledBatch(scheduled, new_tokens, computed, decode_only, padded)
+        batch = ScheduledBatch(scheduled, new_tokens, computed, decode_only, padded)
+        if decode_only and self.num_scheduler_steps > 1 and not self.waiting:
+            self._plan_multi_step(batch)
+        return batch
 
-    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+    def _plan_multi_step(self, batch: ScheduledBatch) -> None:
+        """Let a decode-only batch run several passes if every sequence can get the blocks.
+
+        Sequence i keeps the tokens of its first limits[i] passes: no more than its
+        max_tokens or max_model_len allow. Sequences still under min_tokens (whose stop
+        tokens are banned per token) keep single steps.
+        """
+        bm = self.block_manager
+        k = self.num_scheduler_steps
+        limits = []
+        for seq in batch.seqs:
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                return
+            limit = k
+            if p.max_tokens is not None:
+                limit = min(limit, p.max_tokens - seq.num_output_tokens)
+            if self.max_model_len is not None:
+                limit = min(limit, self.max_model_len - len(seq))
+            limits.append(max(1, limit))
+        if max(limits) == 1:
+            return
+        # blocks for the extra passes: computed + 1 is already covered
+        extra = sum(bm.num_new_blocks(s, n) for s, n in zip(batch.seqs, limits))
+        if extra > bm.num_free_blocks:
+            return
+        for seq, n in zip(batch.seqs, limits):
+            bm.append_slots(seq, n)
+        batch.num_steps = max(limits)
+        batch.step_limits = limits
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None],
+               num_new_tokens: list[int] | None = None) -> list[Sequence]:
         """Advance each seq past its computed chunk, append sampled tokens, cache full blocks.
 
         sampled[i] is the new token of seq i, or None for a chunk that does not end its tokens.
+        num_new_tokens overrides the batch's counts (one pass of a multi-step batch: 1 or 0).
         Returns the sequences that received a token.
         """
         got_token = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
-            if seq.status is not SequenceStatus.RUNNING:  # aborted while the step ran
+        counts = batch.num_new_tokens if num_new_tokens is None else num_new_tokens
+        for seq, n, token in zip(batch.seqs, counts, sampled):
+            if n == 0 or seq.status is not SequenceStatus.RUNNING:  # past its limit, or finished/aborted
                 continue
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)

@@ -1,0 +1,46 @@
+// Registers the CUDA kernels as torch custom ops in the `myvllm` namespace, so that
+// torch.compile and CUDA graph capture see ordinary dispatcher ops. All ops are functional
+// (out of place, no aliasing); the fake (meta) versions live in build.py.
+//
+// TORCH_LIBRARY may define a namespace only once per process, so this library owns
+// `myvllm`: other code adding ops to it must use TORCH_LIBRARY_FRAGMENT, or
+// torch.library.custom_op / Library("myvllm", "FRAGMENT") from Python.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+namespace myvllm {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
+                                                      const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& q_weight,
+                                                const at::Tensor& k_weight, double eps,
+                                                const at::Tensor& positions,
+                                                const at::Tensor& cos_sin_cache);
+at::Tensor silu_and_mul(const at::Tensor& x);
+}  // namespace myvllm
+
+TORCH_LIBRARY(myvllm, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", tags);
+  m.def(
+      "fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) "
+      "-> (Tensor, Tensor)",
+      tags);
+  m.def(
+      "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, "
+      "Tensor positions, Tensor cos_sin_cache) -> (Tensor, Tensor)",
+      tags);
+  m.def("silu_and_mul(Tensor x) -> Tensor", tags);
+}
+
+TORCH_LIBRARY_IMPL(myvllm, CUDA, m) {
+  m.impl("rms_norm", &myvllm::rms_norm);
+  m.impl("fused_add_rms_norm", &myvllm::fused_add_rms_norm);
+  m.impl("qk_norm_rope", &myvllm::qk_norm_rope);
+  m.impl("silu_and_mul", &myvllm::silu_and_mul);
+}

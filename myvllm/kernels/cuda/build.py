@@ -1,0 +1,129 @@
+"""Just-in-time build of the CUDA kernels in this folder as torch custom ops.
+
+`load_cuda_ops()` compiles bindings.cpp and the .cu files with
+`torch.utils.cpp_extension.load` into the default torch extensions directory
+(`$TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions`) and loads the library into
+the process, which registers `torch.ops.myvllm.{rms_norm, fused_add_rms_norm, qk_norm_rope,
+silu_and_mul}` for CUDA tensors. The first build takes about a minute; later processes
+reuse it (ninja rebuilds only when a source or a flag changes, e.g. on another GPU arch).
+
+Schemas (all out of place, outputs contiguous, in the inputs' dtype):
+    rms_norm(Tensor x, Tensor weight, float eps) -> Tensor
+    fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)
+    qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps,
+                 Tensor positions, Tensor cos_sin_cache) -> (Tensor, Tensor)
+    silu_and_mul(Tensor x) -> Tensor
+
+Compiler flags: `-O3` and machine code for the present GPU's arch only (one `-gencode`,
+which also stops torch from adding its own arch list). No `--use_fast_math`: it would flush
+denormals to zero and approximate every division, sqrt and transcendental in every kernel,
+silently loosening numerics the tests pin to the reference, for no gain in these
+memory-bound kernels. The one place where an approximation pays (silu's exp and division,
+on the critical path at decode sizes) uses the intrinsics explicitly; the norms use
+`rsqrtf`, which is the same instruction with or without the flag.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_NAME = "myvllm_cuda_ops"
+_SOURCES = ("bindings.cpp", "norm.cu", "qk_norm_rope.cu", "activation.cu")
+
+
+def _unavailable_reason() -> str | None:
+    """Why the kernels cannot be built here, or None if they can be tried."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is built without CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
+        return "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed"
+    return None
+
+
+def _gencode() -> str:
+    """nvcc flag producing machine code for the current GPU only (sm_90 on an H100)."""
+    major, minor = torch.cuda.get_device_capability()
+    return f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
+
+
+def _build_and_load() -> None:
+    """Compile (or reuse the cached build) and load the library into this process."""
+    from torch.utils.cpp_extension import load
+
+    here = Path(__file__).resolve().parent
+    load(
+        name=EXTENSION_NAME,
+        sources=[str(here / s) for s in _SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", _gencode()],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _register_fakes() -> None:
+    """Shape/dtype-only versions of the ops, so torch.compile can trace them."""
+
+    def contiguous_like(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("myvllm::rms_norm")
+    def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return contiguous_like(x)
+
+    @torch.library.register_fake("myvllm::fused_add_rms_norm")
+    def _fused_add_rms_norm(
+        x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return contiguous_like(x), contiguous_like(x)
+
+    @torch.library.register_fake("myvllm::qk_norm_rope")
+    def _qk_norm_rope(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_weight: torch.Tensor,
+        k_weight: torch.Tensor,
+        eps: float,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return contiguous_like(q), contiguous_like(k)
+
+    @torch.library.register_fake("myvllm::silu_and_mul")
+    def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@functools.cache
+def load_cuda_ops() -> bool:
+    """Build and load the kernels once per process; True if `torch.ops.myvllm` is usable.
+
+    Returns False, after one INFO log line giving the reason, when there is no CUDA device,
+    no nvcc or ninja, or the build fails; it never raises for those. The result is cached:
+    a loaded library is process-global, so there is nothing to redo.
+    """
+    reason = _unavailable_reason()
+    if reason is not None:
+        logger.info("CUDA kernels not used (%s); falling back to the torch reference ops", reason)
+        return False
+    try:
+        _build_and_load()
+        _register_fakes()
+    except Exception as exc:  # noqa: BLE001 - a failed build must never take the engine down
+        logger.info("CUDA kernels not used (build failed: %s); falling back to the torch reference ops", exc)
+        return False
+    logger.info("CUDA kernels loaded (%s)", _gencode().split(",code=")[-1])
+    return True

@@ -1,0 +1,169 @@
+// Per-head RMSNorm of q and k followed by neox-style rotary embedding, out of place.
+//
+// q [T, H, D] and k [T, Hkv, D] may be strided views of the packed qkv projection output
+// (unit stride on D only); q_out and k_out are contiguous. One warp per (token, head) row:
+// lane l owns the rotary pairs (j, j + D/2) for j = l, l + 32, ..., so every load and store
+// instruction of the warp touches 32 consecutive elements.
+//
+// Numerics follow myvllm/kernels/reference.py: float32 arithmetic, rounded to the input
+// dtype where the reference rounds (normalised x, x * weight, cos/sin cast to the input
+// dtype, each rotary product, the rotary sum). Each step is computed in float32 and rounded
+// once, as torch computes a bf16/fp16 elementwise op, so the kernel differs from the
+// reference only through the variance reduction order and rsqrtf's last bit. (Keeping
+// float32 throughout would be marginally more accurate but would drift from the reference,
+// and from transformers' Qwen3, by an ulp here and there.)
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+namespace myvllm {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+
+#define MYVLLM_DISPATCH_FLOATS(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// T: q/k dtype, C: cos/sin cache dtype (T or float), D: head dim.
+template <typename T, typename C, int D>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    qk_norm_rope_kernel(T* __restrict__ q_out, T* __restrict__ k_out, const T* __restrict__ q,
+                        const T* __restrict__ k, const T* __restrict__ q_weight,
+                        const T* __restrict__ k_weight, const int64_t* __restrict__ positions,
+                        const C* __restrict__ cos_sin_cache, int64_t q_stride_t, int64_t q_stride_h,
+                        int64_t k_stride_t, int64_t k_stride_h, int64_t num_tokens, int num_heads,
+                        int num_kv_heads, float eps) {
+  constexpr int kHalf = D / 2;
+  constexpr int kPairs = kHalf / 32;  // rotary pairs per lane
+  const int heads = num_heads + num_kv_heads;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (row >= num_tokens * heads) return;  // whole warps exit together: no shuffle hazard
+  const int lane = threadIdx.x & 31;
+  const int64_t t = row / heads;
+  const int h = static_cast<int>(row % heads);
+
+  const bool is_q = h < num_heads;
+  const T* src = is_q ? q + t * q_stride_t + h * q_stride_h
+                      : k + t * k_stride_t + (h - num_heads) * k_stride_h;
+  T* dst = is_q ? q_out + (t * num_heads + h) * D
+                : k_out + (t * num_kv_heads + (h - num_heads)) * D;
+  const T* weight = is_q ? q_weight : k_weight;
+
+  // Issue every load (x, weight, cos/sin) before the reduction so their latencies overlap.
+  const C* cs = cos_sin_cache + positions[t] * D;  // cos in [0, D/2), sin in [D/2, D)
+  float x1[kPairs], x2[kPairs], w1[kPairs], w2[kPairs], c[kPairs], s[kPairs];
+  float sumsq = 0.f;
+#pragma unroll
+  for (int p = 0; p < kPairs; ++p) {
+    const int j = lane + 32 * p;
+    x1[p] = static_cast<float>(src[j]);
+    x2[p] = static_cast<float>(src[kHalf + j]);
+    w1[p] = static_cast<float>(weight[j]);
+    w2[p] = static_cast<float>(weight[kHalf + j]);
+    c[p] = round_to<T>(static_cast<float>(cs[j]));
+    s[p] = round_to<T>(static_cast<float>(cs[kHalf + j]));
+    sumsq += x1[p] * x1[p] + x2[p] * x2[p];
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sumsq += __shfl_xor_sync(0xffffffffu, sumsq, o);
+  const float inv_rms = rsqrtf(sumsq / static_cast<float>(D) + eps);
+
+#pragma unroll
+  for (int p = 0; p < kPairs; ++p) {
+    const int j = lane + 32 * p;
+    const float n1 = round_to<T>(w1[p] * round_to<T>(x1[p] * inv_rms));
+    const float n2 = round_to<T>(w2[p] * round_to<T>(x2[p] * inv_rms));
+    dst[j] = static_cast<T>(round_to<T>(n1 * c[p]) - round_to<T>(n2 * s[p]));
+    dst[kHalf + j] = static_cast<T>(round_to<T>(n2 * c[p]) + round_to<T>(n1 * s[p]));
+  }
+}
+
+template <typename T, typename C>
+void launch(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at::Tensor& k,
+            const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& positions,
+            const at::Tensor& cache, float eps) {
+  const int64_t num_tokens = q.size(0);
+  const int num_heads = static_cast<int>(q.size(1)), num_kv_heads = static_cast<int>(k.size(1));
+  const int64_t rows = num_tokens * (num_heads + num_kv_heads);
+  const auto blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto d_c) {
+    qk_norm_rope_kernel<T, C, decltype(d_c)::value><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+        q_out.data_ptr<T>(), k_out.data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
+        q_weight.const_data_ptr<T>(), k_weight.const_data_ptr<T>(),
+        positions.const_data_ptr<int64_t>(), cache.const_data_ptr<C>(), q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), num_tokens, num_heads, num_kv_heads, eps);
+  };
+  switch (q.size(2)) {
+    case 64: run(std::integral_constant<int, 64>{}); break;
+    case 128: run(std::integral_constant<int, 128>{}); break;
+    case 256: run(std::integral_constant<int, 256>{}); break;
+    default: TORCH_CHECK(false, "qk_norm_rope: unsupported head_dim ", q.size(2));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& q_weight,
+                                                const at::Tensor& k_weight, double eps,
+                                                const at::Tensor& positions,
+                                                const at::Tensor& cos_sin_cache) {
+  TORCH_CHECK(q.is_cuda(), "qk_norm_rope: q must be a CUDA tensor");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "qk_norm_rope: q and k must be [T, heads, D]");
+  const int64_t T = q.size(0), D = q.size(2);
+  TORCH_CHECK(k.size(0) == T && k.size(2) == D, "qk_norm_rope: k shape ", k.sizes(),
+              " does not match q shape ", q.sizes());
+  TORCH_CHECK(D == 64 || D == 128 || D == 256, "qk_norm_rope: head_dim ", D,
+              " not in {64, 128, 256}");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1,
+              "qk_norm_rope: q and k need unit stride on the head dim");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && q_weight.scalar_type() == q.scalar_type() &&
+                  k_weight.scalar_type() == q.scalar_type(),
+              "qk_norm_rope: q, k, q_weight and k_weight must share one dtype");
+  TORCH_CHECK(q_weight.numel() == D && k_weight.numel() == D,
+              "qk_norm_rope: q_weight and k_weight must have head_dim elements");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
+                  positions.size(0) == T,
+              "qk_norm_rope: positions must be int64 [T]");
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == D,
+              "qk_norm_rope: cos_sin_cache must be [max_position, head_dim]");
+  TORCH_CHECK(cos_sin_cache.scalar_type() == q.scalar_type() ||
+                  cos_sin_cache.scalar_type() == at::kFloat,
+              "qk_norm_rope: cos_sin_cache must be float32 or q's dtype");
+  for (const at::Tensor* t : {&k, &q_weight, &k_weight, &positions, &cos_sin_cache})
+    TORCH_CHECK(t->device() == q.device(), "qk_norm_rope: all tensors must be on q's device");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  if (T == 0 || q.size(1) + k.size(1) == 0) return {q_out, k_out};
+  // Positions must lie in [0, max_position); they are not bounds-checked on the device.
+  const at::Tensor qw = q_weight.contiguous(), kw = k_weight.contiguous();
+  const at::Tensor pos = positions.contiguous(), cache = cos_sin_cache.contiguous();
+  MYVLLM_DISPATCH_FLOATS(q.scalar_type(), "qk_norm_rope", [&] {
+    if (cache.scalar_type() == at::kFloat)
+      launch<scalar_t, float>(q_out, k_out, q, k, qw, kw, pos, cache, static_cast<float>(eps));
+    else
+      launch<scalar_t, scalar_t>(q_out, k_out, q, k, qw, kw, pos, cache, static_cast<float>(eps));
+  });
+  return {q_out, k_out};
+}
+
+}  // namespace myvllm
