@@ -58,22 +58,25 @@ def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def hf_reference(checkpoint):
+    """transformers' greedy tokens and step logits in bf16, and greedy tokens in float32."""
     from tiny_model import hf_greedy, load_hf_model
 
     name, path, shapes = checkpoint
-    hf = load_hf_model(path, dtype=torch.bfloat16, device="cuda")
     prompts = make_prompts(shapes["vocab_size"])
-    ref = [hf_greedy(hf, p, NUM_TOKENS) for p in prompts]
-    del hf
-    torch.cuda.empty_cache()
-    return prompts, [r[0] for r in ref], [torch.log_softmax(r[1][0].double(), -1) for r in ref]
+    refs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        hf = load_hf_model(path, dtype=dtype, device="cuda")
+        refs[dtype] = [hf_greedy(hf, p, NUM_TOKENS) for p in prompts]
+        del hf
+        torch.cuda.empty_cache()
+    return prompts, refs
 
 
 def run_engine(path: str, prompts, **kw):
     from myvllm import LLM, SamplingParams
 
     args = dict(dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.5, max_model_len=1024,
-                kvcache_block_size=16, enforce_eager=True)
+                kvcache_block_size=16, enforce_eager=True, max_num_seqs=64)
     args.update(kw)
     llm = LLM(path, **args)
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=20)
@@ -91,6 +94,25 @@ def agreement(outs, expected) -> float:
     return sum(o.outputs[0].token_ids == e for o, e in zip(outs, expected)) / len(expected)
 
 
+def divergence_gaps(outs, reference) -> list[float]:
+    """For each prompt whose tokens differ from transformers': at the first differing step,
+    how far (in logits) our token is below transformers' choice there. A bf16 divergence is
+    legitimate only at a near tie."""
+    gaps = []
+    for out, (tokens, logits) in zip(outs, reference):
+        ours = out.outputs[0].token_ids
+        for j, (a, b) in enumerate(zip(ours, tokens)):
+            if a != b:
+                gaps.append(float(logits[j][b] - logits[j][a]))
+                break
+    return gaps
+
+
+# A bf16 forward of these models moves logits by ~0.02 on average (see the printed diffs);
+# greedy choices closer than this are coin flips between any two bf16 implementations.
+NEAR_TIE = 0.15
+
+
 @pytest.mark.parametrize(
     "variant, kw",
     [
@@ -99,26 +121,59 @@ def agreement(outs, expected) -> float:
         ("chunked", dict(max_num_batched_tokens=96)),
         ("preemption", dict(num_kv_blocks=80)),
         ("block-256", dict(kvcache_block_size=256)),
+        ("graphs", dict(enforce_eager=False)),
     ],
 )
 def test_engine_matches_transformers_bf16(checkpoint, hf_reference, variant, kw):
     name, path, _ = checkpoint
-    prompts, expected, first_logprobs = hf_reference
+    prompts, refs = hf_reference
+    reference = refs[torch.bfloat16]
     outs, stats = run_engine(path, prompts, **kw)
     if variant == "prefix-cache":
         assert stats["hits"] > 0
     if variant == "preemption":
         assert stats["preemptions"] > 0
-    rate = agreement(outs, expected)
+    rate = agreement(outs, [r[0] for r in reference])
+    gaps = divergence_gaps(outs, reference)
     diffs = []
-    for out, ref in zip(outs, first_logprobs):
-        entry = out.outputs[0].logprobs[0]
-        diffs += [abs(lp.logprob - ref[tid].item()) for tid, lp in entry.items()]
+    for out, (_, logits) in zip(outs, reference):
+        ref = torch.log_softmax(logits[0].double(), -1)
+        diffs += [abs(lp.logprob - ref[tid].item()) for tid, lp in out.outputs[0].logprobs[0].items()]
     diffs_t = torch.tensor(diffs)
-    print(f"\n[{name} {variant}] greedy agreement {rate:.3f}; first-position logprob |diff| "
-          f"max {diffs_t.max():.4f} mean {diffs_t.mean():.4f}; {stats}")
-    assert rate >= MIN_AGREEMENT
+    print(f"\n[{name} {variant}] bf16 greedy agreement {rate:.3f}; divergence gaps {[round(g, 3) for g in gaps]}; "
+          f"first-position logprob |diff| max {diffs_t.max():.4f} mean {diffs_t.mean():.4f}; {stats}")
+    assert all(g < NEAR_TIE for g in gaps), "a greedy divergence from transformers that is not a near tie"
+    assert rate >= 0.5
     assert diffs_t.mean() < 0.05
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_engine_matches_transformers_float32(checkpoint, hf_reference, eager):
+    """In float32 the GPU path (Triton attention, CUDA kernels, graphs) must agree exactly."""
+    name, path, _ = checkpoint
+    prompts, refs = hf_reference
+    outs, _ = run_engine(path, prompts, dtype="float32", enforce_eager=eager)
+    rate = agreement(outs, [r[0] for r in refs[torch.float32]])
+    print(f"\n[{name} float32 eager={eager}] greedy agreement {rate:.3f}")
+    assert rate >= MIN_AGREEMENT
+
+
+def test_seeded_sampling_is_batch_independent(checkpoint):
+    from myvllm import LLM, SamplingParams
+
+    name, path, shapes = checkpoint
+    llm = LLM(path, dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.5, max_model_len=1024,
+              kvcache_block_size=16, max_num_seqs=64)
+    seeded = SamplingParams(temperature=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    prompt = list(range(3, 40))
+    alone = llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [[7 + i] * (10 + i) for i in range(20)]
+    mixed = llm.generate(others + [prompt], [SamplingParams(temperature=0.9, max_tokens=30, ignore_eos=True)] * 20
+                         + [seeded], use_tqdm=False)[-1].outputs[0].token_ids
+    unseeded = llm.generate([prompt] * 4, SamplingParams(temperature=0.9, max_tokens=24, ignore_eos=True),
+                            use_tqdm=False)
+    assert mixed == alone
+    assert len({tuple(o.outputs[0].token_ids) for o in unseeded}) > 1
 
 
 @pytest.mark.parametrize("batch", [1, 3, 13, 64, 250])
@@ -130,16 +185,20 @@ def test_graph_replay_equals_eager(checkpoint, batch):
     prompts = [[rng.randrange(shapes["vocab_size"]) for _ in range(64)] for _ in range(batch)]
     eager, _ = run_engine(path, prompts, max_num_seqs=256)
     graphs, _ = run_engine(path, prompts, max_num_seqs=256, enforce_eager=False)
-    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(eager, graphs))
-    worst = 0.0
+    same, worst, gaps = 0, 0.0, []
     for a, b in zip(eager, graphs):
-        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        same += ta == tb
+        for j, (step_a, step_b) in enumerate(zip(a.outputs[0].logprobs, b.outputs[0].logprobs)):
             common = set(step_a) & set(step_b)
             worst = max([worst] + [abs(step_a[t].logprob - step_b[t].logprob) for t in common])
-            if a.outputs[0].token_ids != b.outputs[0].token_ids:
+            if ta[j] != tb[j]:  # eager's margin between the two choices
+                gaps.append(step_a[ta[j]].logprob - step_a[tb[j]].logprob if tb[j] in step_a else float("inf"))
                 break
-    print(f"\n[graphs vs eager, batch {batch}] identical sequences {same}/{batch}, max logprob diff {worst:.4f}")
-    assert same == batch
+    print(f"\n[graphs vs eager, batch {batch}] identical sequences {same}/{batch}, max logprob diff "
+          f"{worst:.4f}, divergence gaps {[round(g, 3) for g in gaps]}")
+    assert all(g < NEAR_TIE for g in gaps)
+    assert same >= 0.9 * batch
     assert worst < 0.05
 
 

@@ -121,3 +121,54 @@ def test_banned_tokens_cannot_be_sampled():
     st = SamplingTensors(temperatures=torch.ones(2), greedy=None, all_greedy=True,
                          banned_rows=torch.tensor([0, 1]), banned_tokens=torch.tensor([1, 0]))
     assert Sampler()(logits, st).token_ids.tolist() == [2, 2]
+
+
+def _triton_available() -> bool:
+    import os
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_triton = __import__("pytest").mark.skipif(not _triton_available(), reason="needs triton (CUDA or interpreter)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@needs_triton
+def test_fused_gumbel_sampling_matches_softmax_chi_square():
+    from myvllm.kernels.triton_sampling import gumbel_sample
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5], device=DEVICE)
+    n, temperature = 1500, 0.7
+    draws = gumbel_sample(logits.expand(n, -1).contiguous(), torch.full((n,), temperature, device=DEVICE),
+                          torch.arange(n, dtype=torch.int64, device=DEVICE) * 7919 + 11)
+    counts = torch.bincount(draws.cpu(), minlength=8).double()
+    expected = torch.softmax(logits.double().cpu() / temperature, -1) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 24.32, f"chi-square {chi2:.2f} over the 0.1% critical value for 7 degrees of freedom"
+    wrong = torch.softmax(logits.double().cpu(), -1) * n
+    assert float(((counts - wrong) ** 2 / wrong).sum()) > 24.32
+
+
+@needs_triton
+def test_fused_sampling_greedy_rows_masks_and_seeds():
+    from myvllm.kernels.triton_sampling import gumbel_sample
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3000, generator=gen).to(DEVICE)
+    logits[:, 7] = float("-inf")  # a banned token is never drawn
+    temps = torch.tensor([0.0, 1.0, 0.0, 2.0, 1.0, 0.5], device=DEVICE)
+    seeds = torch.tensor([1, 2, 3, 4, 5, 6], dtype=torch.int64, device=DEVICE)
+    out = gumbel_sample(logits, temps, seeds)
+    assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
+    assert (out != 7).all()
+    # same seed and logits -> same draw, wherever the row sits in the batch
+    again = gumbel_sample(logits[[4, 1]], temps[[4, 1]], seeds[[4, 1]])
+    assert again.tolist() == [out[4].item(), out[1].item()]
+    # bf16 logits are read directly
+    assert gumbel_sample(logits.to(torch.bfloat16)[:1], temps[:1], seeds[:1]).item() == logits[0].argmax().item()

@@ -8,6 +8,10 @@ the exponential race (argmax of p / E with E ~ Exp(1)), which draws from p
 exactly and needs no host sync; a row with its own seed draws its E from its own
 generator, so its tokens do not depend on what else is in the batch.
 
+On CUDA, rows that need no top-k/top-p/min-p masks are sampled instead by one fused
+Gumbel-max kernel (kernels/triton_sampling.py), which reads the logits once; its
+uniforms come from a per-row seed, so seeded rows are batch-independent there too.
+
 Log-probabilities are those of the raw model distribution (before temperature
 and masks), as vLLM reports them by default.
 """
@@ -35,6 +39,9 @@ class SamplingTensors:
     banned_rows: torch.Tensor | None = None  # [M] rows, paired with banned_tokens [M]
     banned_tokens: torch.Tensor | None = None
     num_logprobs: int | None = None  # the largest logprobs=k among the rows, None if none asks
+    # Fused path (no masks): temperatures with 0 on greedy rows, and per-row Philox seeds.
+    fused_temperatures: torch.Tensor | None = None  # [N] float32
+    fused_seeds: torch.Tensor | None = None  # [N] int64
 
 
 @dataclass
@@ -70,17 +77,21 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         """logits [N, V] -> sampled token ids [N] (and logprobs when asked)."""
-        logits = logits.float()
         out = SamplerOutput(token_ids=torch.empty(0))
         if st.num_logprobs is not None:
-            raw = torch.log_softmax(logits, dim=-1)
+            raw = torch.log_softmax(logits.float(), dim=-1)
         if st.banned_rows is not None:
             neg_inf = torch.full((), float("-inf"), device=logits.device)  # a device fill, no host copy
             logits = logits.index_put((st.banned_rows, st.banned_tokens), neg_inf)
-        greedy_ids = logits.argmax(dim=-1)
         if st.all_greedy:
-            out.token_ids = greedy_ids
+            out.token_ids = logits.argmax(dim=-1)
+        elif st.fused_seeds is not None:
+            from myvllm.kernels.triton_sampling import gumbel_sample
+
+            out.token_ids = gumbel_sample(logits, st.fused_temperatures, st.fused_seeds)
         else:
+            logits = logits.float()
+            greedy_ids = logits.argmax(dim=-1)
             x = logits / st.temperatures[:, None]
             if st.top_k is not None or st.top_p is not None:
                 x = apply_top_k_top_p(x, st.top_k, st.top_p)

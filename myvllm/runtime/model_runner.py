@@ -31,6 +31,12 @@ from myvllm.runtime.step_inputs import StepInputs, build_step_inputs, host_to_de
 
 logger = logging.getLogger(__name__)
 
+# Seeds of the fused sampler (62-bit, so they and their increments fit int64): SEED_MIX spreads user seeds apart,
+# and each sampling call of the engine owns ROWS_PER_CALL consecutive seeds.
+SEED_MIX = 0x9E3779B97F4A7C15 >> 1
+ROWS_PER_CALL = 1 << 20
+SEED_MASK = (1 << 62) - 1
+
 
 @dataclass
 class StepResult:
@@ -77,8 +83,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.seq_generators: dict[int, torch.Generator] = {}
+        self._sample_calls = 0
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.num_blocks = self._allocate_kv_cache()
+        if self.device.type == "cuda":
+            self.warmup_kernels()
         self.graph_runner = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from myvllm.capture.graph_runner import GraphRunner
@@ -116,26 +125,13 @@ class ModelRunner:
         num_tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * self.max_model_len)
         seq_len = min(self.max_model_len, num_tokens)
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
-        blocks_per_seq = -(-seq_len // self.block_size)
         # A one-block scratch cache: nothing is written (slot -1), reads stay in block 0.
         scratch = kv_cache.allocate_kv_cache(mc.num_hidden_layers, 1, self.block_size, self.num_kv_heads,
                                              mc.head_dim, self.dtype, self.device)
         self._bind_kv_cache(scratch)
-        qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         num_sampled = min(cfg.max_num_seqs, num_tokens)
-        inputs = StepInputs(
-            input_ids=np.zeros(num_tokens, dtype=np.int64),
-            positions=np.concatenate([np.arange(n) for n in lens]).astype(np.int64),
-            slot_mapping=np.full(num_tokens, -1, dtype=np.int64),
-            seq_lens=np.asarray(lens, dtype=np.int32),
-            query_start_loc=qsl,
-            block_tables=np.zeros((len(lens), blocks_per_seq), dtype=np.int32),
-            logits_indices=np.arange(num_tokens - num_sampled, num_tokens, dtype=np.int64),
-            sample_rows=[],
-            max_query_len=max(lens),
-            max_seq_len=max(lens),
-            is_decode_only=False,
-        )
+        inputs = self._dummy_inputs(lens, lens, decode=False)
+        inputs.logits_indices = np.arange(num_tokens - num_sampled, num_tokens, dtype=np.int64)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         logits = self._forward_eager(inputs)
@@ -147,6 +143,43 @@ class ModelRunner:
         del scratch, logits
         torch.cuda.empty_cache()
         return peak
+
+    # Batch sizes at which the decode kernel's split count changes (compiled once each).
+    WARMUP_DECODE_BATCHES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65)
+    # Query lengths that select each prefill kernel tile configuration.
+    WARMUP_PREFILL_LENS = (8, 256)
+
+    @torch.inference_mode()
+    def warmup_kernels(self) -> None:
+        """Compile the JIT kernels every step shape uses, before any timed or captured work."""
+        start = time.perf_counter()
+        for q_len in self.WARMUP_PREFILL_LENS:
+            q_len = min(q_len, self.max_model_len)
+            self._forward_eager(self._dummy_inputs([q_len], [q_len], decode=False))
+        for batch in self.WARMUP_DECODE_BATCHES:
+            if batch <= self.config.max_num_seqs:
+                self._forward_eager(self._dummy_inputs([1] * batch, [1] * batch, decode=True))
+        torch.cuda.synchronize(self.device)
+        logger.info("kernels warmed up in %.2f s", time.perf_counter() - start)
+
+    def _dummy_inputs(self, new_tokens: list[int], seq_lens: list[int], decode: bool) -> StepInputs:
+        """Inputs that write nothing to the cache (slot -1) and read only block 0."""
+        num_tokens = sum(new_tokens)
+        qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
+        blocks = -(-max(seq_lens) // self.block_size)
+        return StepInputs(
+            input_ids=np.zeros(num_tokens, dtype=np.int64),
+            positions=np.concatenate([np.arange(s - n, s) for n, s in zip(new_tokens, seq_lens)]).astype(np.int64),
+            slot_mapping=np.full(num_tokens, -1, dtype=np.int64),
+            seq_lens=np.asarray(seq_lens, dtype=np.int32),
+            query_start_loc=qsl,
+            block_tables=np.zeros((len(seq_lens), blocks), dtype=np.int32),
+            logits_indices=qsl[1:].astype(np.int64) - 1,
+            sample_rows=[],
+            max_query_len=max(new_tokens),
+            max_seq_len=max(seq_lens),
+            is_decode_only=decode,
+        )
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -196,6 +229,11 @@ class ModelRunner:
         dev = self.device
         positions_d, slots_d, seq_lens_d = (host_to_device(a, dev) for a in (positions, slots, seq_lens))
         st = self.sampling_tensors(batch.seqs)
+        if st.fused_seeds is not None:  # pass k: seeded rows at token index + k, others k calls later
+            seeds0 = st.fused_seeds
+            seeded = np.array([s.seed is not None for s in batch.seqs])
+            seed_step = host_to_device(np.where(seeded, 1, ROWS_PER_CALL).astype(np.int64), dev)
+            self._sample_calls += num_steps - 1
         graph = self.graph_runner if (self.graph_runner is not None
                                       and self.graph_runner.can_run(inputs, batch.padded_batch_size)) else None
         outs: list[SamplerOutput] = []
@@ -214,6 +252,8 @@ class ModelRunner:
                     meta.slot_mapping, meta.seq_lens = slots_d[k], seq_lens_d[k]
                     meta.max_seq_len = int(seq_lens[k].max())
                 logits = self.forward(input_ids, positions_d[k], meta)
+            if st.fused_seeds is not None and k > 0:
+                st.fused_seeds = seeds0 + k * seed_step
             outs.append(self.sampler(logits, st))
         return [self._to_host(out, batch.seqs) for out in outs] if st.num_logprobs is not None else \
             [StepResult(tokens, [None] * b) for tokens in torch.stack([o.token_ids for o in outs]).tolist()]
@@ -232,6 +272,33 @@ class ModelRunner:
         for seq_id in seq_ids:
             self.seq_generators.pop(seq_id, None)
 
+    def _row_seeds(self, seqs: list[Sequence]) -> np.ndarray:
+        """Philox seeds of the fused sampler: a seeded sequence's depend only on its seed and
+        its token index; the others on the engine seed and a per-call counter."""
+        self._sample_calls += 1
+        base = (self.config.seed * SEED_MIX + self._sample_calls * ROWS_PER_CALL) & SEED_MASK
+        seeds = np.arange(base, base + len(seqs), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            if s.seed is not None:
+                seeds[i] = (s.seed * SEED_MIX + s.num_output_tokens) & SEED_MASK
+        return seeds
+
+    def _masked_sampling_tensors(self, st: SamplingTensors, seqs: list[Sequence], greedy: np.ndarray) -> None:
+        """Inputs of the torch sampling path (top-k / top-p / min-p, generators for seeds)."""
+        dev = self.device
+        params = [s.params for s in seqs]
+        if greedy.any():
+            st.greedy = host_to_device(greedy, dev)
+        vocab = self.model_config.vocab_size
+        if any(p.top_k_enabled for p in params):
+            st.top_k = host_to_device(np.array([p.top_k if p.top_k_enabled else vocab for p in params]), dev)
+        if any(p.top_p < 1.0 for p in params):
+            st.top_p = host_to_device(np.array([p.top_p for p in params], dtype=np.float32), dev)
+        if any(p.min_p > 0.0 for p in params):
+            st.min_p = host_to_device(np.array([p.min_p for p in params], dtype=np.float32), dev)
+        seeded = [(i, self._generator_for(s)) for i, s in enumerate(seqs) if s.seed is not None and not greedy[i]]
+        st.seeded = seeded or None
+
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         dev = self.device
         params = [s.params for s in seqs]
@@ -240,20 +307,15 @@ class ModelRunner:
         st = SamplingTensors(temperatures=None, greedy=None, all_greedy=all_greedy, generator=self.generator)
         if not all_greedy:
             temps = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
-            temps[greedy] = 1.0
-            st.temperatures = host_to_device(temps, dev)
-            if greedy.any():
-                st.greedy = host_to_device(greedy, dev)
-            vocab = self.model_config.vocab_size
-            if any(p.top_k_enabled for p in params):
-                st.top_k = host_to_device(np.array([p.top_k if p.top_k_enabled else vocab for p in params]), dev)
-            if any(p.top_p < 1.0 for p in params):
-                st.top_p = host_to_device(np.array([p.top_p for p in params], dtype=np.float32), dev)
-            if any(p.min_p > 0.0 for p in params):
-                st.min_p = host_to_device(np.array([p.min_p for p in params], dtype=np.float32), dev)
-            seeded = [(i, self._generator_for(s)) for i, s in enumerate(seqs)
-                      if s.seed is not None and not greedy[i]]
-            st.seeded = seeded or None
+            masked = any(p.top_k_enabled or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+            if dev.type == "cuda" and not masked:
+                temps[greedy] = 0.0
+                st.fused_temperatures = host_to_device(temps, dev)
+                st.fused_seeds = host_to_device(self._row_seeds(seqs), dev)
+            else:
+                temps[greedy] = 1.0
+                st.temperatures = host_to_device(temps, dev)
+                self._masked_sampling_tensors(st, seqs, greedy)
         banned = [(i, t) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
                   for t in s.min_tokens_banned]
         if banned:
