@@ -5,6 +5,7 @@ Run on a GPU machine: PYTHONPATH=. python3 -m pytest -m gpu -q tests/test_gpu_en
 
 from __future__ import annotations
 
+import gc
 import random
 import warnings
 
@@ -68,6 +69,7 @@ def hf_reference(checkpoint):
         hf = load_hf_model(path, dtype=dtype, device="cuda")
         refs[dtype] = [hf_greedy(hf, p, NUM_TOKENS) for p in prompts]
         del hf
+        gc.collect()
         torch.cuda.empty_cache()
     return prompts, refs
 
@@ -86,6 +88,7 @@ def run_engine(path: str, prompts, **kw):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     stats = dict(preemptions=engine.scheduler.num_preemptions, hits=engine.block_manager.num_hits)
     del llm, engine
+    gc.collect()  # the engine's runner and graph runner refer to each other
     torch.cuda.empty_cache()
     return outs, stats
 
@@ -108,9 +111,10 @@ def divergence_gaps(outs, reference) -> list[float]:
     return gaps
 
 
-# A bf16 forward of these models moves logits by ~0.02 on average (see the printed diffs);
-# greedy choices closer than this are coin flips between any two bf16 implementations.
-NEAR_TIE = 0.15
+# Two bf16 implementations of these models differ by ~0.02 in logits on average and up to
+# ~0.1-0.3 after a few decode steps; greedy choices closer than this are coin flips between
+# them. A real defect (wrong position, head or block) moves logits by whole units.
+NEAR_TIE = 0.5
 
 
 @pytest.mark.parametrize(
@@ -174,6 +178,9 @@ def test_seeded_sampling_is_batch_independent(checkpoint):
                             use_tqdm=False)
     assert mixed == alone
     assert len({tuple(o.outputs[0].token_ids) for o in unseeded}) > 1
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("batch", [1, 3, 13, 64, 250])
@@ -221,6 +228,9 @@ def test_decode_step_syncs_once(checkpoint):
             engine.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    del llm, engine
+    gc.collect()
+    torch.cuda.empty_cache()
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     for w in syncs:
         print("sync:", w.message)

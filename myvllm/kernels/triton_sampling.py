@@ -18,7 +18,7 @@ import triton.language as tl
 
 BLOCK_V = 4096
 # Keeps -log(u) finite: u is in [0, 1) and log(0) would give an infinite Gumbel.
-TINY = 1e-10
+TINY = tl.constexpr(1e-10)
 
 
 @triton.jit
