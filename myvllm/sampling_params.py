@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 # Below this temperature sampling is treated as greedy (avoids dividing by ~0).
 GREEDY_EPS = 1e-5
+# Integers that reach the sampler as int64 (seeds, top_k) must fit it.
+MAX_INT64 = (1 << 63) - 1
 
 
 def _is_int(v) -> bool:
@@ -53,13 +55,13 @@ class SamplingParams:
         p = self.top_p
         if not _is_number(p) or not (0 < p <= 1):
             raise ValueError(f"top_p={p!r} is out of range: must be in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k={self.top_k!r} is out of range: -1 or 0 disables, else >= 1")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_INT64:
+            raise ValueError(f"top_k={self.top_k!r} is out of range: -1 or 0 disables, else in [1, 2**63 - 1]")
         m = self.min_p
         if not _is_number(m) or not (0 <= m <= 1):
             raise ValueError(f"min_p={m!r} is out of range: must be in [0, 1]")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed={self.seed!r} is out of range: must be None or an int >= 0")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_INT64):
+            raise ValueError(f"seed={self.seed!r} is out of range: must be None or an int in [0, 2**63 - 1]")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(f"max_tokens={self.max_tokens!r} is out of range: must be None or an int >= 1")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:

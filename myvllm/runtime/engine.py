@@ -138,6 +138,10 @@ class LLMEngine:
                              f"{self.config.max_logprobs}")
         if params.stop_list and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, but skip_tokenizer_init=True: use stop_token_ids")
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids or ()):  # with min_tokens they index the logits
+            raise ValueError(f"stop_token_ids={params.stop_token_ids} is out of range: token ids must be in "
+                             f"[0, {vocab - 1}]")
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, stream: bool = False) -> str:

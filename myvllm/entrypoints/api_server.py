@@ -1,0 +1,413 @@
+"""The OpenAI-compatible HTTP API over an AsyncLLMEngine (FastAPI).
+
+Routes:
+    GET  /health               200 while the engine thread runs, else 503 (no API key needed)
+    GET  /v1/models            the served model
+    POST /v1/completions       text completion; `stream: true` sends server-sent events
+    POST /v1/chat/completions  chat completion through the tokenizer's chat template
+    GET  /v1/engine/stats      KV blocks and queue lengths: num_blocks, num_free_blocks,
+                               num_unfinished_requests, num_waiting_seqs, num_running_seqs,
+                               num_preemptions
+
+Every error is {"error": {"message", "type", "param", "code"}}: 400 for a bad request
+(the field in `param`), 401 for a missing or wrong API key, 404 for an unknown model or
+route, 413 for a body over the size limit, 503 when the waiting queue is full.
+A streamed request is aborted (its KV blocks freed) as soon as its client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from myvllm.entrypoints.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
+from myvllm.entrypoints.openai_protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChoiceDelta,
+    CompletionRequest,
+    bad_request,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    now,
+    parse_request,
+    request_field,
+    sampling_params,
+    usage,
+)
+from myvllm.outputs import RequestOutput
+from myvllm.runtime.engine import LLMEngine
+from myvllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+CLIENT_CLOSED = 499  # logged for a request whose client left before the answer
+_STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+                 413: "invalid_request_error", 503: "overloaded_error"}
+
+
+def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True) -> FastAPI:
+    """The FastAPI app. With manage_engine the app starts the engine thread at startup and
+    stops it at shutdown; otherwise the caller does."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="my-vllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    _add_error_handlers(app)
+    server = _Server(engine, served_model_name, max_body_bytes)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.is_healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(error_body("the engine is not running", "server_error", None, "engine_dead"), 503)
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(api_key))])
+    router.add_api_route("/models", server.models, methods=["GET"])
+    router.add_api_route("/engine/stats", server.stats, methods=["GET"])
+    router.add_api_route("/completions", server.completions, methods=["POST"])
+    router.add_api_route("/chat/completions", server.chat_completions, methods=["POST"])
+    app.include_router(router)
+    return app
+
+
+def _auth_dependency(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                           "authentication_error", None, "invalid_api_key")
+
+    return check
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
+        return JSONResponse(error_body(str(exc.detail), kind, None, None), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error", None, None), 500)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request body as JSON, refusing bodies over max_bytes (413) and bad JSON (400)."""
+    too_large = APIError(413, f"the request body is over {max_bytes} bytes", "invalid_request_error",
+                         None, "request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class _Server:
+    """The /v1 handlers, bound to one engine and model name."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_body_bytes: int) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
+        self.created = now()
+
+    async def models(self) -> JSONResponse:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "myvllm",
+                "max_model_len": self.engine.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def stats(self) -> JSONResponse:
+        return JSONResponse(await self._engine_call(self.engine.stats()))
+
+    # ---- completions -------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Any:
+        req: CompletionRequest = parse_request(CompletionRequest, await read_json(request, self.max_body_bytes))
+        self._check_model(req.model)
+        req.check_unsupported()
+        params = sampling_params(req, self.engine.vocab_size)
+        prompts = req.prompts()
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self._add(prompts, params, rid, "prompt", False, req.stream)
+        if req.stream:
+            return _EventStream(self._completion_events(req, params, rid, streams), streams)
+        finals = await _until_done_or_disconnect(request, _collect(streams))
+        if finals is None:
+            return Response(status_code=CLIENT_CLOSED)
+        choices, num_prompt, num_out = [], 0, 0
+        for i, out in enumerate(finals):
+            num_prompt += len(out.prompt_token_ids)
+            for c in out.outputs:
+                num_out += len(c.token_ids)
+                lps = (completion_logprobs(c.token_ids, c.logprobs, params.logprobs)
+                       if params.logprobs is not None and c.logprobs is not None else None)
+                choices.append({"index": i * params.n + c.index, "text": c.text, "logprobs": lps,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        return JSONResponse({"id": rid, "object": "text_completion", "created": now(), "model": self.model_name,
+                             "choices": choices, "usage": usage(num_prompt, num_out)})
+
+    async def _completion_events(self, req: CompletionRequest, params: SamplingParams, rid: str,
+                                 streams: list[RequestStream]) -> AsyncIterator[dict]:
+        created = now()
+        deltas = [[ChoiceDelta(params) for _ in range(params.n)] for _ in streams]
+        offsets = [[0] * params.n for _ in streams]
+        counts = [0, 0]
+        async for i, out in _merged(streams):
+            for c in out.outputs:
+                step = deltas[i][c.index].advance(c)
+                if step is None:
+                    continue
+                text, tokens, entries, finish = step
+                lps = None
+                if params.logprobs is not None and entries is not None:
+                    lps = completion_logprobs(tokens, entries, params.logprobs, offsets[i][c.index])
+                offsets[i][c.index] += len(text)
+                yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                       "choices": [{"index": i * params.n + c.index, "text": text, "logprobs": lps,
+                                    "finish_reason": finish,
+                                    **({"stop_reason": c.stop_reason} if finish else {})}]}
+            if out.finished:
+                counts[0] += len(out.prompt_token_ids)
+                counts[1] += sum(len(c.token_ids) for c in out.outputs)
+        if req.include_usage:
+            yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                   "choices": [], "usage": usage(*counts)}
+
+    # ---- chat --------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Any:
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest,
+                                                   await read_json(request, self.max_body_bytes))
+        self._check_model(req.model)
+        req.check_unsupported()
+        params = sampling_params(req, self.engine.vocab_size)
+        messages = req.template_messages()
+        kwargs = dict(req.chat_template_kwargs or {})
+        prompt_ids = await self._engine_call(self.engine.call(
+            lambda e: _render_chat(e, messages, req.add_generation_prompt, kwargs)))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._add([prompt_ids], params, rid, "messages", True, req.stream)
+        if req.stream:
+            return _EventStream(self._chat_events(req, params, rid, streams[0]), streams)
+        finals = await _until_done_or_disconnect(request, _collect(streams))
+        if finals is None:
+            return Response(status_code=CLIENT_CLOSED)
+        (out,) = finals
+        choices = []
+        for c in out.outputs:
+            lps = (chat_logprobs(c.token_ids, c.logprobs, params.logprobs)
+                   if params.logprobs is not None and c.logprobs is not None else None)
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": lps, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        num_out = sum(len(c.token_ids) for c in out.outputs)
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": now(), "model": self.model_name,
+                             "choices": choices, "usage": usage(len(out.prompt_token_ids), num_out)})
+
+    async def _chat_events(self, req: ChatCompletionRequest, params: SamplingParams, rid: str,
+                           stream: RequestStream) -> AsyncIterator[dict]:
+        created = now()
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        deltas = [ChoiceDelta(params) for _ in range(params.n)]
+        for index in range(params.n):
+            yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]}
+        last = None
+        async for _, out in _merged([stream]):
+            last = out
+            for c in out.outputs:
+                step = deltas[c.index].advance(c)
+                if step is None:
+                    continue
+                text, tokens, entries, finish = step
+                lps = None
+                if params.logprobs is not None and entries is not None:
+                    lps = chat_logprobs(tokens, entries, params.logprobs)
+                choice = {"index": c.index, "delta": {"content": text} if text else {}, "logprobs": lps,
+                          "finish_reason": finish}
+                if finish:
+                    choice["stop_reason"] = c.stop_reason
+                yield {**head, "choices": [choice]}
+        if req.include_usage and last is not None:
+            num_out = sum(len(c.token_ids) for c in last.outputs)
+            yield {**head, "choices": [], "usage": usage(len(last.prompt_token_ids), num_out)}
+
+    # ---- shared ------------------------------------------------------------------------------
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist: this server serves {self.model_name!r}",
+                           "not_found_error", "model", "model_not_found")
+
+    async def _engine_call(self, awaitable: Awaitable) -> Any:
+        try:
+            return await awaitable
+        except EngineDead as e:
+            raise APIError(503, str(e), "server_error", None, "engine_dead") from None
+
+    async def _add(self, prompts: list, params: SamplingParams, rid: str, field: str, is_chat: bool,
+                   stream: bool) -> list[RequestStream]:
+        """Queue one engine request per prompt; all or none (a failure aborts those queued)."""
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                request_id = rid if len(prompts) == 1 else f"{rid}-{i}"
+                streams.append(await self.engine.add_request(_as_engine_prompt(prompt), params, request_id,
+                                                             stream=stream))
+        except BaseException as e:
+            for s in streams:
+                s.abort()
+            if isinstance(e, EngineOverloaded):
+                raise APIError(503, f"the server is overloaded: {e}; retry later", "overloaded_error",
+                               None, "server_overloaded") from None
+            if isinstance(e, EngineDead):
+                raise APIError(503, str(e), "server_error", None, "engine_dead") from None
+            if isinstance(e, (ValueError, TypeError)):
+                where = f"{field}[{i}]: " if len(prompts) > 1 else ""
+                raise bad_request(where + str(e), request_field(str(e), is_chat, field)) from None
+            raise
+        return streams
+
+
+def _as_engine_prompt(prompt: str | list[int]) -> str | dict:
+    return {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
+
+
+def _render_chat(engine: LLMEngine, messages: list[dict], add_generation_prompt: bool,
+                 kwargs: dict[str, Any]) -> list[int]:
+    """Chat template -> prompt token ids, as LLM.chat does it (runs on the engine thread)."""
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise bad_request("chat needs a tokenizer, but the server runs without one", "messages")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+    except Exception as e:  # jinja2 errors included: the messages did not fit the template
+        raise bad_request(f"messages do not fit the chat template: {e}", "messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from several streams as they come; aborts them all if left early."""
+    pending: dict[asyncio.Future, int] = {asyncio.ensure_future(s.get()): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                out = task.result()
+                yield i, out
+                if not out.finished:
+                    pending[asyncio.ensure_future(streams[i].get())] = i
+    finally:
+        for task in pending:
+            task.cancel()
+        for s in streams:
+            s.abort()
+
+
+async def _collect(streams: list[RequestStream]) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    async for i, out in _merged(streams):
+        if out.finished:
+            finals[i] = out
+    return finals  # type: ignore[return-value]
+
+
+async def _until_done_or_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Await work, cancelling it (which aborts its requests) if the client disconnects first
+    (then returns None: nobody is left to answer)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return _engine_result(task)
+    return None
+
+
+def _engine_result(task: asyncio.Future) -> Any:
+    try:
+        return task.result()
+    except EngineDead as e:
+        raise APIError(503, str(e), "server_error", None, "engine_dead") from None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that abort their requests however the response ends, even if the
+    client left before the first event (when the event generator never starts)."""
+
+    def __init__(self, events: AsyncIterator[dict], streams: list[RequestStream]) -> None:
+        super().__init__(_sse_lines(events), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.streams = streams
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for s in self.streams:
+                s.abort()
+
+
+async def _sse_lines(events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except Exception as e:  # the engine failed mid-stream: tell the client, end the stream
+        logger.error("stream ended by an engine error: %r", e)
+        yield f"data: {json.dumps(error_body(str(e), 'server_error', None, 'engine_error'))}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,390 @@
+"""AsyncLLMEngine: an asyncio front end over one LLMEngine stepping in its own thread.
+
+The engine is not thread-safe, so every engine call (add_request, abort_request, step,
+and whatever is passed to `call`) runs on one background thread. The asyncio side hands
+that thread commands through a locked deque and wakes it with a condition; the thread
+sleeps on the condition whenever it has neither commands nor unfinished requests.
+Outputs travel back with `loop.call_soon_threadsafe` into one RequestStream per request.
+
+Outputs are cumulative (text and tokens so far), so a RequestStream keeps only the
+newest one: a slow reader gets the latest state, never a growing backlog.
+
+    engine = AsyncLLMEngine(LLMEngine(config), max_waiting_requests=256)
+    engine.start()
+    async for out in engine.generate("Hello", SamplingParams(max_tokens=8)):
+        print(out.outputs[0].text)
+    engine.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from myvllm.config import EngineConfig
+from myvllm.outputs import RequestOutput
+from myvllm.runtime.engine import LLMEngine, PromptType
+from myvllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is at its bound; the request was not queued."""
+
+
+class EngineDead(RuntimeError):
+    """The engine thread has stopped (shut down, or a step failed beyond recovery)."""
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator that ends after the finished one.
+
+    Leaving the iteration early (break, cancellation, an exception) or calling abort()
+    aborts the request on the engine thread, which frees its KV blocks.
+    """
+
+    def __init__(self, request_id: str, owner: AsyncLLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self._owner = owner
+        self._latest: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+        self._finished = False  # the finished output was handed out
+        self._aborted = False
+        self.num_decoded: dict[int, int] = {}  # engine thread: logprob entries given text, per completion
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    # ---- loop side, called through call_soon_threadsafe ------------------------------------
+
+    def _put(self, out: RequestOutput) -> None:
+        if not self._aborted:
+            self._latest = out
+            self._event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    # ---- consumer side -----------------------------------------------------------------------
+
+    async def get(self) -> RequestOutput:
+        """The newest output not yet handed out (waits for one); raises the engine's error."""
+        while True:
+            if self._latest is not None:
+                out, self._latest = self._latest, None
+                if self._error is None:
+                    self._event.clear()
+                self._finished = out.finished
+                return out
+            if self._error is not None:
+                raise self._error
+            if self._finished or self._aborted:
+                raise EngineDead(f"request {self.request_id!r} has no more outputs")
+            await self._event.wait()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._aborted:
+            raise StopAsyncIteration
+        try:
+            return await self.get()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Abort the request unless it already finished; safe to call more than once."""
+        if not self._finished and not self._aborted:
+            self._aborted = True
+            self._owner.abort(self.request_id)
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.abort()
+
+
+class _Command:
+    """A function to run on the engine thread, and where its result goes."""
+
+    __slots__ = ("fn", "loop", "future", "is_add")
+
+    def __init__(self, fn: Callable[[LLMEngine], Any], loop: asyncio.AbstractEventLoop | None,
+                 future: asyncio.Future | None, is_add: bool = False) -> None:
+        self.fn, self.loop, self.future, self.is_add = fn, loop, future, is_add
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self.future is None or self.loop is None:
+            return
+        _call_soon(self.loop, _settle, self.future, result, error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream._put(out)
+
+
+class AsyncLLMEngine:
+    """Runs an LLMEngine on a dedicated thread and serves requests from asyncio.
+
+    max_waiting_requests bounds the requests queued but not yet scheduled (plus those
+    handed to the engine thread but not yet queued); past it, add_request raises
+    EngineOverloaded instead of letting the queue grow.
+    """
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+        if max_waiting_requests is not None and (isinstance(max_waiting_requests, bool)
+                                                 or not isinstance(max_waiting_requests, int)
+                                                 or max_waiting_requests < 1):
+            raise ValueError(f"max_waiting_requests={max_waiting_requests!r} is out of range: "
+                             f"must be None or an int >= 1")
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.max_model_len: int = engine.max_model_len  # fixed at construction: safe to read anywhere
+        self.vocab_size: int = engine.model_config.vocab_size
+        self._cond = threading.Condition()
+        self._commands: deque[_Command] = deque()
+        self._num_pending_adds = 0  # add commands not yet run; guarded by _cond
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+
+    @classmethod
+    def from_engine_args(cls, model: str, max_waiting_requests: int | None = None,
+                         **engine_args: Any) -> AsyncLLMEngine:
+        return cls(LLMEngine(EngineConfig.from_kwargs(model, **engine_args)), max_waiting_requests)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread (once)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="myvllm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the engine thread; requests still in flight end with EngineDead."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_healthy(self) -> bool:
+        return (self._thread is not None and self._thread.is_alive() and self._dead is None
+                and not self._stopping)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                          request_id: str | None = None, stream: bool = True) -> RequestStream:
+        """Queue a request on the engine; returns its stream of outputs.
+
+        Raises what LLMEngine.add_request raises (ValueError, TypeError) for a bad request,
+        and EngineOverloaded when the waiting queue is full. With stream=False only the
+        finished output is delivered.
+        """
+        loop = asyncio.get_running_loop()
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        handle = RequestStream(request_id, self, loop)
+        bound = self.max_waiting_requests
+
+        def add(engine: LLMEngine) -> RequestStream:
+            if bound is not None and _num_waiting_requests(engine, bound) >= bound:
+                raise EngineOverloaded(f"{bound} requests are waiting already (max_waiting_requests)")
+            engine.add_request(prompt, params, request_id, stream=stream)
+            self._streams[request_id] = handle
+            return handle
+
+        future = loop.create_future()
+        with self._cond:
+            if bound is not None and self._num_pending_adds >= bound:
+                raise EngineOverloaded(f"{bound} requests are waiting already (max_waiting_requests)")
+            self._submit_locked(_Command(add, loop, future, is_add=True))
+            self._num_pending_adds += 1
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.abort(request_id)  # runs after the add on the engine thread
+            raise
+
+    async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as it runs (text so far), the last one finished."""
+        handle = await self.add_request(prompt, params, request_id)
+        async with handle:
+            async for out in handle:
+                yield out
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe, returns at once; unknown ids are ignored, and so is
+        everything once the engine has stopped, which ends its requests itself)."""
+        def run(engine: LLMEngine) -> None:
+            self._streams.pop(request_id, None)
+            engine.abort_request(request_id)
+
+        with self._cond:
+            if self._thread is not None and not self._stopping and self._dead is None:
+                self._submit_locked(_Command(run, None, None))
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run fn(engine) on the engine thread, between steps; returns its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            self._submit_locked(_Command(fn, loop, future))
+        return await future
+
+    async def stats(self) -> dict[str, int]:
+        """KV blocks and queue lengths, read on the engine thread."""
+        return await self.call(_stats)
+
+    def _submit_locked(self, command: _Command) -> None:
+        if self._dead is not None or self._stopping or self._thread is None:
+            raise EngineDead("the engine is not running" if self._dead is None else f"the engine failed: "
+                             f"{self._dead!r}")
+        self._commands.append(command)
+        self._cond.notify()
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        busy = False
+        try:
+            while True:
+                with self._cond:
+                    while not self._commands and not busy and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for command in commands:
+                    self._run_command(command)
+                if engine.has_unfinished_requests():
+                    try:
+                        outputs = engine.step()
+                    except Exception as e:
+                        logger.exception("engine step failed; aborting the requests in flight")
+                        self._abort_all(e)
+                    else:
+                        self._dispatch(outputs)
+                busy = engine.has_unfinished_requests()
+        except BaseException as e:
+            logger.exception("the engine thread failed")
+            self._dead = e
+        finally:
+            with self._cond:
+                self._stopping = True
+                commands = list(self._commands)
+                self._commands.clear()
+            error = EngineDead("the engine stopped")
+            for command in commands:
+                command.resolve(error=error)
+            for handle in self._streams.values():
+                _call_soon(handle.loop, handle._fail, error)
+            self._streams.clear()
+
+    def _run_command(self, command: _Command) -> None:
+        if command.is_add:
+            with self._cond:
+                self._num_pending_adds -= 1
+        try:
+            result = command.fn(self.engine)
+        except Exception as e:
+            command.resolve(error=e)
+        else:
+            command.resolve(result)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+        for out in outputs:
+            handle = self._streams.get(out.request_id)
+            if handle is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            for c in out.outputs:
+                if c.logprobs is not None:
+                    if not out.finished:  # the engine keeps appending to this list
+                        c.logprobs = list(c.logprobs)
+                    self._decode_logprobs(handle, c.index, c.logprobs)
+            by_loop.setdefault(handle.loop, []).append((handle, out))
+        for loop, items in by_loop.items():
+            _call_soon(loop, _deliver, items)
+
+    def _decode_logprobs(self, handle: RequestStream, index: int, logprobs: list) -> None:
+        """Give the logprob entries not yet seen their token text (once per entry)."""
+        tokenizer = self.engine.tokenizer
+        start = handle.num_decoded.get(index, 0)
+        if tokenizer is not None:
+            try:
+                for entry in logprobs[start:]:
+                    for token_id, lp in entry.items():
+                        if lp.decoded_token is None:
+                            lp.decoded_token = tokenizer.decode([token_id])
+            except Exception:  # the output still goes out, with token ids for texts
+                logger.exception("decoding logprob tokens of request %s failed", handle.request_id)
+        handle.num_decoded[index] = len(logprobs)
+
+    def _abort_all(self, error: BaseException) -> None:
+        for request_id, handle in list(self._streams.items()):
+            try:
+                self.engine.abort_request(request_id)
+            finally:
+                _call_soon(handle.loop, handle._fail, error)
+        self._streams.clear()
+
+
+def _num_waiting_requests(engine: LLMEngine, bound: int) -> int:
+    waiting = engine.scheduler.waiting
+    if len(waiting) < bound:  # sequences >= requests: no need to count
+        return len(waiting)
+    return len({seq.request_id for seq in waiting})
+
+
+def _stats(engine: LLMEngine) -> dict[str, int]:
+    bm, sched = engine.block_manager, engine.scheduler
+    return {
+        "num_blocks": bm.num_blocks,
+        "num_free_blocks": bm.num_free_blocks,
+        "num_unfinished_requests": engine.num_unfinished_requests(),
+        "num_waiting_seqs": len(sched.waiting),
+        "num_running_seqs": len(sched.running),
+        "num_preemptions": sched.num_preemptions,
+    }
