@@ -30,6 +30,7 @@ from myvllm.kernels.triton_decode_attention import (
     allocate_decode_workspace,
     decode_attention,
     default_num_splits,
+    split_policy,
 )
 from myvllm.kernels.triton_prefill_attention import prefill_attention
 
@@ -107,6 +108,39 @@ def decode_case(
     }
 
 
+def decode_mixed_case(batch: int, policy: str, max_model_len: int = 4096, block_size: int = 256) -> dict:
+    """Time decode_attention with context lengths drawn uniformly from [100, 2048] (as in the
+    middle of bench.py's run), under the split policy 'even' (default_num_splits, splits of
+    equal share) or 'fixed' (split_policy: pieces of a fixed minimum length)."""
+    gen = torch.Generator().manual_seed(batch)
+    lens = torch.randint(100, 2049, (batch,), generator=gen)
+    blocks_per_seq = triton.cdiv(int(lens.max()), block_size)
+    num_blocks = batch * blocks_per_seq
+    shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    table = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
+    seq_lens = lens.to(torch.int32).cuda()
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    out = torch.empty_like(q)
+    if policy == "even":
+        num_splits = default_num_splits(max_model_len, block_size, batch_size=batch, num_kv_heads=NUM_KV_HEADS)
+        min_len = 0
+    else:
+        num_splits, min_len = split_policy(max_model_len, batch, NUM_KV_HEADS)
+    partial_out, partial_lse = allocate_decode_workspace(batch, NUM_HEADS, HEAD_DIM, 16, "cuda")
+
+    def run() -> None:
+        decode_attention(q, k_cache, v_cache, out, seq_lens, table, HEAD_DIM**-0.5, partial_out, partial_lse,
+                         num_splits, min_len)
+
+    ms = bench_graph(run, 32)
+    kv_bytes = 2 * int(lens.sum()) * NUM_KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
+    gbps = kv_bytes / (ms * 1e-3) / 1e9
+    return {"kernel": "decode-mixed", "policy": policy, "batch": batch, "num_splits": num_splits,
+            "min_split_len": min_len, "ms": ms, "kv_GBps": gbps, "frac_of_peak": gbps * 1e9 / PEAK_BYTES_PER_S}
+
+
 def prefill_case(num_seqs: int, q_len: int, block_size: int) -> dict:
     """Time prefill_attention on num_seqs fresh prompts of q_len tokens."""
     blocks_per_seq = triton.cdiv(q_len, block_size)
@@ -148,6 +182,8 @@ def main() -> None:
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--graph", action="store_true", help="time decode from CUDA graph replays")
     parser.add_argument("--json", default="", help="write all results to this path")
+    parser.add_argument("--mixed", action="store_true",
+                        help="only decode with mixed context lengths, both split policies")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
 
@@ -159,6 +195,18 @@ def main() -> None:
     print(f"H={NUM_HEADS} Hkv={NUM_KV_HEADS} D={HEAD_DIM} {DTYPE}")
 
     results = []
+    if args.mixed:
+        for batch in batches:
+            for policy in ("even", "fixed"):
+                r = decode_mixed_case(batch, policy)
+                results.append(r)
+                print(f"decode-mixed B={batch:4d} policy={policy:5s} splits={r['num_splits']:2d} "
+                      f"min_len={r['min_split_len']:3d}: {r['ms'] * 1e3:8.1f} us {r['kv_GBps']:7.0f} GB/s "
+                      f"({100 * r['frac_of_peak']:5.1f}%)", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     for block_size in block_sizes:
         for batch in batches:
             for context in contexts:

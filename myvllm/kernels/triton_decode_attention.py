@@ -3,9 +3,14 @@
 Stage 1, grid `(B, Hkv, num_splits)`: a program takes all query heads of one KV head
 (the GQA group, padded to at least 16 rows so that tl.dot applies) and one contiguous
 slice of its sequence's context: ceil(seq_len / num_splits) tokens rounded up to the
-KV tile. It walks that slice through the block table in tiles of BLOCK_N tokens with
-an online softmax in float32 and writes the normalised partial output and its
-log-sum-exp (natural log). A split with no tokens writes zeros and lse = -inf.
+KV tile, and at least min_split_len tokens. It walks that slice through the block
+table in tiles of BLOCK_N tokens with an online softmax in float32 and writes the
+normalised partial output and its log-sum-exp (natural log). A split with no tokens
+writes only lse = -inf.
+
+Large batches use many splits of a fixed minimum length (split_policy): every program
+then does a similar amount of work whatever the sequence lengths, which keeps the SMs
+evenly loaded when lengths vary; the programs past a sequence's end exit at once.
 
 Stage 2, grid `(B, H)`: merges the splits of one head by their log-sum-exp into out.
 
@@ -48,6 +53,7 @@ def _decode_split_kernel(
     stride_lb,
     stride_lh,
     NUM_SPLITS: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,  # a split covers at least this many tokens (a multiple of BLOCK_N)
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16, power of two
     HEAD_DIM: tl.constexpr,
@@ -60,7 +66,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT_LEN)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -99,7 +105,7 @@ def _decode_split_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # An empty split has l_i == 0: zeros and lse = -inf.
+    # An empty split writes only lse = -inf (the merge then reads nothing else of it).
     nonempty = l_i > 0.0
     acc = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453  # ln(2): natural-log lse
@@ -112,7 +118,7 @@ def _decode_split_kernel(
         + split * stride_pos
         + offs_d[None, :],
         acc,
-        mask=group_mask[:, None],
+        mask=group_mask[:, None] & (offs_d[None, :] < tl.where(end > start, HEAD_DIM, 0)),
     )
     tl.store(partial_lse_ptr + seq64 * stride_lb + heads * stride_lh + split, lse, mask=group_mask)
 
@@ -202,6 +208,26 @@ def default_num_splits(
     return splits
 
 
+# Large batches: splits of this many tokens (and as many splits as max_model_len needs).
+LARGE_BATCH_SPLIT_LEN = 512
+
+
+def split_policy(
+    max_model_len: int, batch_size: int, num_kv_heads: int, num_sms: int | None = None
+) -> tuple[int, int]:
+    """(num_splits, min_split_len) for a decode batch; depends only on host constants and B.
+
+    Small batches split each sequence evenly (default_num_splits) to fill the GPU. Batches
+    that fill the GPU on their own cut sequences into pieces of LARGE_BATCH_SPLIT_LEN
+    tokens, so that long and short sequences give programs of similar length.
+    """
+    splits = default_num_splits(max_model_len, 0, batch_size, num_kv_heads, num_sms)
+    block_n = decode_config(128)[0]
+    if splits > 1:
+        return splits, block_n
+    return max(1, min(MAX_SPLITS, triton.cdiv(max_model_len, LARGE_BATCH_SPLIT_LEN))), LARGE_BATCH_SPLIT_LEN
+
+
 def allocate_decode_workspace(
     max_batch: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,13 +248,15 @@ def decode_attention(
     partial_out: torch.Tensor,
     partial_lse: torch.Tensor,
     num_splits: int,
+    min_split_len: int = 0,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV; writes and returns out `[B, H, D]`.
 
     q `[B, H, D]` (unit stride on D); caches `[num_blocks, block_size, Hkv, D]`;
     seq_lens `[B]` int32 (including the new token); block_tables `[B, max_blocks]` int32;
     partial_out `[B_max, H, S_max, D]` / partial_lse `[B_max, H, S_max]` float32 workspace
-    with B_max >= B and S_max >= num_splits.
+    with B_max >= B and S_max >= num_splits. min_split_len (rounded up to the KV tile) is
+    the fewest tokens a non-empty split covers.
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -247,6 +275,7 @@ def decode_attention(
         return out
     group = num_heads // num_kv_heads
     block_n, num_warps, num_stages = decode_config(head_dim)
+    min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -268,6 +297,7 @@ def decode_attention(
         partial_lse.stride(0),
         partial_lse.stride(1),
         NUM_SPLITS=num_splits,
+        MIN_SPLIT_LEN=min_split_len,
         GROUP=group,
         GROUP_PAD=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
