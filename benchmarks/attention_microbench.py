@@ -30,7 +30,6 @@ from myvllm.kernels.triton_decode_attention import (
     allocate_decode_workspace,
     decode_attention,
     default_num_splits,
-    split_policy,
 )
 from myvllm.kernels.triton_prefill_attention import prefill_attention
 
@@ -39,6 +38,7 @@ MIN_BYTES_PER_CALL = 256 << 20  # rotate caches until one pass covers this much 
 MAX_GRAPH_CALLS = 256
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 DTYPE = torch.bfloat16
+FIXED_SPLIT_LEN = 512
 
 
 def bench(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
@@ -127,7 +127,7 @@ def decode_mixed_case(batch: int, policy: str, max_model_len: int = 4096, block_
         num_splits = default_num_splits(max_model_len, block_size, batch_size=batch, num_kv_heads=NUM_KV_HEADS)
         min_len = 0
     else:
-        num_splits, min_len = split_policy(max_model_len, batch, NUM_KV_HEADS)
+        num_splits, min_len = min(16, triton.cdiv(max_model_len, FIXED_SPLIT_LEN)), FIXED_SPLIT_LEN
     partial_out, partial_lse = allocate_decode_workspace(batch, NUM_HEADS, HEAD_DIM, 16, "cuda")
 
     def run() -> None:

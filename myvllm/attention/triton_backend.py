@@ -12,11 +12,9 @@ import torch
 
 from myvllm.attention.backend import AttentionBackend, AttentionMetadata
 from myvllm.kernels.triton_decode_attention import (
-    MAX_SPLITS,
     allocate_decode_workspace,
     decode_attention,
     default_num_splits,
-    split_policy,
 )
 from myvllm.kernels.triton_kv_store import store_kvcache
 from myvllm.kernels.triton_prefill_attention import prefill_attention
@@ -31,8 +29,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.head_dim = head_dim
         self.max_model_len = max_model_len
         self.block_size = block_size
-        # the most splits any batch uses (either policy is capped at MAX_SPLITS)
-        self.num_splits = max(default_num_splits(max_model_len, block_size), MAX_SPLITS)
+        self.num_splits = default_num_splits(max_model_len, block_size)  # the most any batch uses
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else None)
         self.device = device
@@ -54,9 +51,10 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         if meta.is_decode_only:
             # Fewer splits when the batch alone fills the GPU; depends only on B, so graph-safe.
-            splits, min_split_len = split_policy(self.max_model_len, q.shape[0], k_cache.shape[2], self.num_sms)
+            splits = default_num_splits(self.max_model_len, self.block_size, batch_size=q.shape[0],
+                                        num_kv_heads=k_cache.shape[2], num_sms=self.num_sms)
             decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale,
-                             self.partial_out, self.partial_lse, splits, min_split_len)
+                             self.partial_out, self.partial_lse, splits)
         else:
             prefill_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
                               meta.block_tables, meta.max_query_len, scale)

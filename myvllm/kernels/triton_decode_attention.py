@@ -8,9 +8,10 @@ table in tiles of BLOCK_N tokens with an online softmax in float32 and writes th
 normalised partial output and its log-sum-exp (natural log). A split with no tokens
 writes only lse = -inf.
 
-Large batches use many splits of a fixed minimum length (split_policy): every program
-then does a similar amount of work whatever the sequence lengths, which keeps the SMs
-evenly loaded when lengths vary; the programs past a sequence's end exit at once.
+min_split_len > 0 cuts sequences into pieces of a fixed minimum length instead (programs
+past a sequence's end exit at once). On an H100 with context lengths spread over
+100..2048 this measured the same as equal shares (B=64: 88.5% vs 88.4% of 3 TB/s,
+B=128: 90.6% vs 87.7%, B=256: 91.5% vs 94.4%), so the engine uses equal shares.
 
 Stage 2, grid `(B, H)`: merges the splits of one head by their log-sum-exp into out.
 
@@ -206,26 +207,6 @@ def default_num_splits(
         programs = max(1, batch_size * num_kv_heads)
         splits = min(splits, max(1, triton.cdiv(2 * num_sms, programs)))
     return splits
-
-
-# Large batches: splits of this many tokens (and as many splits as max_model_len needs).
-LARGE_BATCH_SPLIT_LEN = 512
-
-
-def split_policy(
-    max_model_len: int, batch_size: int, num_kv_heads: int, num_sms: int | None = None
-) -> tuple[int, int]:
-    """(num_splits, min_split_len) for a decode batch; depends only on host constants and B.
-
-    Small batches split each sequence evenly (default_num_splits) to fill the GPU. Batches
-    that fill the GPU on their own cut sequences into pieces of LARGE_BATCH_SPLIT_LEN
-    tokens, so that long and short sequences give programs of similar length.
-    """
-    splits = default_num_splits(max_model_len, 0, batch_size, num_kv_heads, num_sms)
-    block_n = decode_config(128)[0]
-    if splits > 1:
-        return splits, block_n
-    return max(1, min(MAX_SPLITS, triton.cdiv(max_model_len, LARGE_BATCH_SPLIT_LEN))), LARGE_BATCH_SPLIT_LEN
 
 
 def allocate_decode_workspace(
