@@ -76,10 +76,11 @@ class LLM:
                 checked.append(engine.tokenize_prompt(prompt))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"prompt {i}: {e}") from e
-        ids = [engine.add_request({"prompt_token_ids": tok}, p) for (_, tok), p in zip(checked, params)]
-        for rid, (text, _) in zip(ids, checked):
-            engine.requests[rid].prompt = text
-        try:
+        ids: list[str] = []
+        try:  # queueing included: an interrupt between two add_request calls leaves nothing behind
+            for (text, tok), p in zip(checked, params):
+                ids.append(engine.add_request({"prompt_token_ids": tok}, p))
+                engine.requests[ids[-1]].prompt = text
             outputs = self._run(ids, use_tqdm)
         except BaseException:  # KeyboardInterrupt included: leave the engine clean for the next call
             for rid in ids:

@@ -73,7 +73,11 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------------
 
     def next_request_id(self) -> str:
-        return str(next(self._request_ids))
+        """The next number not taken by a request in the engine (callers may pick ids too)."""
+        while True:
+            request_id = str(next(self._request_ids))
+            if request_id not in self.requests:
+                return request_id
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Validate one prompt and return (text or None, token ids)."""
@@ -133,12 +137,12 @@ class LLMEngine:
     def check_params(self, params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+        vocab = self.model_config.vocab_size
+        if params.logprobs is not None and params.logprobs > min(self.config.max_logprobs, vocab):
             raise ValueError(f"logprobs={params.logprobs} is out of range: must be <= max_logprobs="
-                             f"{self.config.max_logprobs}")
+                             f"{self.config.max_logprobs} and <= the vocabulary size {vocab}")
         if params.stop_list and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, but skip_tokenizer_init=True: use stop_token_ids")
-        vocab = self.model_config.vocab_size
         if any(t >= vocab for t in params.stop_token_ids or ()):  # with min_tokens they index the logits
             raise ValueError(f"stop_token_ids={params.stop_token_ids} is out of range: token ids must be in "
                              f"[0, {vocab - 1}]")
