@@ -175,8 +175,10 @@ def test_engine_matches_transformers_float32(checkpoint, hf_reference, eager):
 def _seeded_runs(path: str) -> tuple[list, list, list, list]:
     from myvllm import LLM, SamplingParams
 
+    # Without prefix caching: a cache hit changes the shapes of the prefill's matrix products,
+    # and bf16 rounding with them.
     llm = LLM(path, dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.5, max_model_len=1024,
-              kvcache_block_size=16, max_num_seqs=64)
+              kvcache_block_size=16, max_num_seqs=64, enable_prefix_caching=False)
     seeded = SamplingParams(temperature=0.9, seed=1234, max_tokens=24, ignore_eos=True)
     others = SamplingParams(temperature=0.9, max_tokens=30, ignore_eos=True)
     prompt = list(range(3, 40))
@@ -196,9 +198,9 @@ def _seeded_runs(path: str) -> tuple[list, list, list, list]:
 
 def test_seeded_sampling_is_reproducible(checkpoint):
     """The same seeded request gives the same tokens run after run, alone or in the same batch.
-    (Across different batches, bf16 matrix products may round differently, so exact equality
-    is only promised on the same batch; the sampler itself is batch-independent, see
-    tests/test_sampler.py.)"""
+    (Across different batches or prefix-cache states, bf16 matrix products may round
+    differently, so exact equality is only promised for the same batch; the sampler itself
+    is batch-independent, see tests/test_sampler.py.)"""
     alone, mixed, unseeded, _ = _seeded_runs(checkpoint[1])
     assert alone[0] == alone[1]
     assert mixed[0] == mixed[1]
