@@ -160,3 +160,21 @@ def test_streaming_outputs_grow_until_finished(tiny_model_dir, steps, lengths):
     assert seen[-1].outputs[0].token_ids == final.outputs[0].token_ids
     assert seen[-1].outputs[0].text == final.outputs[0].text
     assert final.outputs[0].text.startswith(seen[1].outputs[0].text)
+
+
+def test_chat_applies_the_template(tiny_model_dir):
+    llm = LLM(tiny_model_dir, kvcache_block_size=16, **SMALL_KV)
+    tok = llm.get_tokenizer()
+    conv = [{"role": "user", "content": "the quick brown fox"}]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    for thinking in (None, False):
+        kwargs = {} if thinking is None else {"enable_thinking": thinking}
+        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, **kwargs)
+        expected = llm.generate([tok.encode(text, add_special_tokens=False)], params, use_tqdm=False)[0]
+        out = llm.chat(conv, params, use_tqdm=False, enable_thinking=thinking)[0]
+        assert out.outputs[0].token_ids == expected.outputs[0].token_ids
+        assert out.prompt_token_ids == expected.prompt_token_ids
+        assert ("<think>" in out.prompt) == (thinking is False)
+    both = llm.chat([conv, conv + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]],
+                    params, use_tqdm=False)
+    assert len(both) == 2 and len(both[1].prompt_token_ids) > len(both[0].prompt_token_ids)
