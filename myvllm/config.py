@@ -160,7 +160,19 @@ class EngineConfig:
         _check_int("num_scheduler_steps", self.num_scheduler_steps, 1)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("max_logprobs", self.max_logprobs, 0)
-        object.__setattr__(self, "device", str(resolve_device(self.device)))
+        device = resolve_device(self.device)
+        object.__setattr__(self, "device", str(device))
+        tp = self.tensor_parallel_size
+        if device.type == "cuda" and device.index + tp > torch.cuda.device_count():
+            raise ValueError(
+                f"tensor_parallel_size={tp} needs GPUs cuda:{device.index}..cuda:{device.index + tp - 1} "
+                f"(one per rank), but only {torch.cuda.device_count()} are visible"
+            )
+
+    def rank_device(self, rank: int) -> torch.device:
+        """The device of tensor-parallel rank `rank`: the configured GPU offset by the rank (CPU for all)."""
+        device = self.torch_device
+        return device if device.type == "cpu" else torch.device("cuda", device.index + rank)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
@@ -270,6 +282,29 @@ class ModelConfig:
         eos = values.pop("eos_token_id")
         values["torch_dtype"] = DTYPES[values["torch_dtype"]]
         return cls(**values, eos_token_ids=(eos,))
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Raise ValueError unless the layers split evenly over tp_size ranks: attention heads
+        and the MLP's intermediate size divide by it, and KV heads divide by it or into it
+        (then each KV head is replicated on tp_size / num_key_value_heads ranks). The
+        vocabulary needs no check: each rank's share is padded."""
+        if tp_size == 1:
+            return
+        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+        if heads % tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} does not divide num_attention_heads={heads}: "
+                f"use a tensor_parallel_size that divides {heads}"
+            )
+        if kv_heads % tp_size and tp_size % kv_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} and num_key_value_heads={kv_heads}: one must divide the "
+                f"other (KV heads are split over ranks, or replicated when there are fewer of them)"
+            )
+        if self.intermediate_size % tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} does not divide intermediate_size={self.intermediate_size}"
+            )
 
     def resolve_dtype(self, dtype: str) -> torch.dtype:
         return self.torch_dtype if dtype == "auto" else DTYPES[dtype]

@@ -31,6 +31,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel worker processes, if any (also done when the LLM
+        is garbage-collected, and at exit). Idempotent; the LLM cannot generate afterwards."""
+        self.engine.shutdown()
+
     @staticmethod
     def _normalize_prompts(prompts) -> list[PromptType]:
         """A single prompt or a list of them -> a list (contents are checked by the engine)."""

@@ -180,11 +180,14 @@ class AsyncLLMEngine:
         self._dead: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._owns_engine = False  # made by from_engine_args: stop() shuts it down
 
     @classmethod
     def from_engine_args(cls, model: str, max_waiting_requests: int | None = None,
                          **engine_args: Any) -> AsyncLLMEngine:
-        return cls(LLMEngine(EngineConfig.from_kwargs(model, **engine_args)), max_waiting_requests)
+        async_engine = cls(LLMEngine(EngineConfig.from_kwargs(model, **engine_args)), max_waiting_requests)
+        async_engine._owns_engine = True
+        return async_engine
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -196,12 +199,15 @@ class AsyncLLMEngine:
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the engine thread; requests still in flight end with EngineDead."""
+        """Stop the engine thread; requests still in flight end with EngineDead. An engine made
+        by from_engine_args is shut down too (its tensor-parallel workers stop)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._owns_engine and (self._thread is None or not self._thread.is_alive()):
+            self.engine.shutdown()
 
     @property
     def is_healthy(self) -> bool:

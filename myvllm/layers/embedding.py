@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
-from myvllm.layers.linear import _copy_checked
+from myvllm.layers.linear import Loaded, _copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -25,15 +25,18 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         if loaded.shape[0] != self.vocab_size or loaded.shape[1:] != param.shape[1:]:
             raise ValueError(
                 f"shape mismatch: checkpoint has {tuple(loaded.shape)}, the model expects "
                 f"({self.vocab_size}, {param.shape[1]})"
             )
-        part = loaded[self.start:self.start + self.shard_size]
-        param.data.zero_()
-        _copy_checked(param.data[:part.shape[0]], part)
+        start = min(self.start, self.vocab_size)
+        rows = min(self.shard_size, self.vocab_size - start)  # the last ranks hold padding rows
+        if rows < self.shard_size:
+            param.data.zero_()
+        part = loaded if rows == self.vocab_size else loaded.narrow(0, start, rows)
+        _copy_checked(param.data[:rows], part)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

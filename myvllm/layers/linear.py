@@ -3,8 +3,9 @@
 Column-parallel layers split the output features over ranks; row-parallel layers
 split the input features and sum the partial products with an all-reduce. Each
 parameter carries `weight_loader(param, loaded_weight, shard_id=None)`, which
-copies this rank's part of a checkpoint tensor into it (and, for packed layers,
-into the right slice), checking the shape.
+checks the shape of the whole checkpoint tensor and copies this rank's part of it
+into the parameter (and, for packed layers, into the right slice). The checkpoint
+tensor may be a `CheckpointTensor`, which reads from the file only that part.
 """
 
 from __future__ import annotations
@@ -14,15 +15,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
+from myvllm.models.loader import CheckpointTensor, as_tensor
+
+Loaded = torch.Tensor | CheckpointTensor
 
 
-def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
-    if param.shape != loaded.shape:
+def _check_shape(expected, loaded: Loaded) -> None:
+    if tuple(expected) != tuple(loaded.shape):
         raise ValueError(
-            f"shape mismatch{f' for {name}' if name else ''}: checkpoint has {tuple(loaded.shape)}, "
-            f"the model expects {tuple(param.shape)}"
+            f"shape mismatch: checkpoint has {tuple(loaded.shape)}, the model expects {tuple(expected)}"
         )
-    param.data.copy_(loaded)
+
+
+def _copy_checked(param: torch.Tensor, loaded: Loaded) -> None:
+    _check_shape(param.shape, loaded)
+    param.data.copy_(as_tensor(loaded))
+
+
+def _shard(loaded: Loaded, dim: int, full_size: int, rank: int, size: int) -> Loaded:
+    """Part `rank` (of length size) of loaded along dim, after checking that dim has full_size."""
+    if loaded.shape[dim] != full_size:
+        expected = list(loaded.shape)
+        expected[dim] = full_size
+        _check_shape(expected, loaded)
+    return loaded.narrow(dim, rank * size, size)
 
 
 class LinearBase(nn.Module):
@@ -33,10 +49,10 @@ class LinearBase(nn.Module):
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         if self.tp_dim is not None and self.tp.size > 1:
             size = param.shape[self.tp_dim]
-            loaded = loaded.narrow(self.tp_dim, self.tp.rank * size, size)
+            loaded = _shard(loaded, self.tp_dim, size * self.tp.size, self.tp.rank, size)
         _copy_checked(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +78,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:
         size = self.output_sizes[shard_id] // self.tp.size
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
         if self.tp.size > 1:
-            loaded = loaded.narrow(0, self.tp.rank * size, size)
+            loaded = _shard(loaded, 0, self.output_sizes[shard_id], self.tp.rank, size)
         _copy_checked(param.data.narrow(0, offset, size), loaded)
 
 
@@ -85,22 +101,23 @@ class QKVParallelLinear(ColumnParallelLinear):
                 f"num_key_value_heads={num_kv_heads} and tensor_parallel_size={tp.size}: one must divide the other"
             )
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = num_heads // tp.size
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
         self.kv_replicas = max(1, tp.size // num_kv_heads)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         LinearBase.__init__(self, hidden_size, out, tp, 0)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str) -> None:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, rank = 0, q_size, self.tp.rank
+            offset, size, rank, total = 0, q_size, self.tp.rank, self.total_num_heads
         else:
             offset = q_size if shard_id == "k" else q_size + kv_size
-            size, rank = kv_size, self.tp.rank // self.kv_replicas
+            size, rank, total = kv_size, self.tp.rank // self.kv_replicas, self.total_num_kv_heads
         if self.tp.size > 1:
-            loaded = loaded.narrow(0, rank * size, size)
+            loaded = _shard(loaded, 0, total * self.head_dim, rank, size)
         _copy_checked(param.data.narrow(0, offset, size), loaded)
 
 

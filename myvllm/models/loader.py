@@ -4,6 +4,10 @@ Only safetensors files are read (never pickle). Loading is strict: a tensor the
 model does not have, a parameter the checkpoint lacks, or a shape mismatch raises
 a ValueError naming the tensor. Packed parameters (qkv_proj, gate_up_proj) are
 filled slice by slice through each parameter's `weight_loader`.
+
+Checkpoint tensors reach the weight loaders as `CheckpointTensor`s, which read
+from the file only what is asked for: a tensor-parallel rank narrows each one to
+its shard before reading, so no rank ever holds the whole model in memory.
 """
 
 from __future__ import annotations
@@ -41,12 +45,49 @@ def safetensors_files(path: str) -> list[str]:
     return files
 
 
-def iterate_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+class CheckpointTensor:
+    """One tensor of an open safetensors file, read lazily: `narrow` reads one slice of it,
+    `read` all of it. Valid while its file is open (during `iterate_tensors`)."""
+
+    def __init__(self, file, name: str, path: str) -> None:
+        self._file = file
+        self._name = name
+        self._path = path
+        self._slice = file.get_slice(name)
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def __repr__(self) -> str:
+        return f"CheckpointTensor({self._name!r}, shape={tuple(self.shape)})"
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """Like torch.Tensor.narrow, reading only the slice from the file."""
+        if not 0 <= dim < len(self.shape) or start < 0 or length < 0 or start + length > self.shape[dim]:
+            raise ValueError(f"slice [{start}, {start + length}) of dim {dim} is outside the checkpoint "
+                             f"tensor of shape {tuple(self.shape)}")
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return self._checked(lambda: self._slice[index])
+
+    def read(self) -> torch.Tensor:
+        return self._checked(lambda: self._file.get_tensor(self._name))
+
+    def _checked(self, read) -> torch.Tensor:
+        try:
+            return read()
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read safetensors file {self._path!r} (truncated or corrupt?): {e}") from e
+
+
+def as_tensor(loaded: torch.Tensor | CheckpointTensor) -> torch.Tensor:
+    """A checkpoint tensor read whole (a torch tensor is returned as it is)."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded.read()
+
+
+def iterate_tensors(files: list[str]) -> Iterator[tuple[str, CheckpointTensor]]:
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, CheckpointTensor(f, name, file)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read safetensors file {file!r} (truncated or corrupt?): {e}") from e
 
@@ -59,7 +100,8 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
-def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], tie_word_embeddings: bool) -> None:
+def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor | CheckpointTensor]],
+                 tie_word_embeddings: bool) -> None:
     params = dict(model.named_parameters())
     loaded: dict[str, set] = {name: set() for name in params}
     expected_shards = {}
@@ -94,10 +136,10 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], 
         raise ValueError(f"checkpoint lacks tensor(s): {missing[:10]}")
 
 
-def _plain_copy(param: torch.Tensor, tensor: torch.Tensor) -> None:
+def _plain_copy(param: torch.Tensor, tensor: torch.Tensor | CheckpointTensor) -> None:
     if param.shape != tensor.shape:
         raise ValueError(f"shape mismatch: checkpoint has {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
-    param.data.copy_(tensor)
+    param.data.copy_(as_tensor(tensor))
 
 
 def load_checkpoint(model: nn.Module, path: str, tie_word_embeddings: bool) -> None:

@@ -4,6 +4,11 @@
     step        -> scheduler.schedule -> model_runner.execute -> scheduler.update
                    -> stop checks -> free finished -> outputs of finished requests
     abort_request frees a request's blocks wherever it is (waiting, running, preempted).
+
+With tensor_parallel_size N > 1 the engine starts N - 1 worker processes (runtime.workers)
+holding the other shards of the model; the scheduler, the sampler and this object stay in
+the calling process (rank 0). shutdown() stops the workers; it also runs when the engine is
+garbage-collected and at interpreter exit. An exception escaping a step stops them too.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 
 from myvllm.config import EngineConfig, ModelConfig
@@ -18,7 +24,7 @@ from myvllm.models.resolve import load_generation_eos, load_tokenizer, resolve_m
 from myvllm.outputs import CompletionOutput, RequestOutput
 from myvllm.runtime.block_manager import BlockManager
 from myvllm.runtime.detokenizer import decode_new_text
-from myvllm.runtime.model_runner import ModelRunner
+from myvllm.runtime.model_runner import ModelRunner, StepResult
 from myvllm.runtime.scheduler import Scheduler
 from myvllm.runtime.sequence import Sequence, SequenceStatus, StopState
 from myvllm.runtime.stop_checker import StopChecker
@@ -58,7 +64,19 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         checkpoint = None if config.load_format == "dummy" else resolved.path
-        self.runner = ModelRunner(config, self.model_config, self.max_model_len, checkpoint)
+        self.model_config.check_tensor_parallel(config.tensor_parallel_size)
+        self.workers = None
+        if config.tensor_parallel_size == 1:
+            self.runner = ModelRunner(config, self.model_config, self.max_model_len, checkpoint)
+        else:
+            from myvllm.runtime.workers import WorkerGroup
+
+            self.workers = WorkerGroup(config, self.model_config, self.max_model_len, checkpoint)
+            self._finalizer = weakref.finalize(self, self.workers.shutdown)
+            with self.workers.guard():
+                self.runner = ModelRunner(config, self.model_config, self.max_model_len, checkpoint,
+                                          self.workers.tp, self.workers)
+                self.workers.wait_ready()
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
         graph_sizes = self.runner.graph_runner.batch_sizes if self.runner.graph_runner else []
@@ -198,10 +216,15 @@ class LLMEngine:
             return []
         finished: list[RequestState] = []
         streaming: dict[str, RequestState] = {}
-        if batch.num_steps == 1:
-            self._apply(batch, self.runner.execute(batch), None, finished, streaming)
+        if self.workers is None:
+            results = self._execute(batch)
         else:
-            for k, result in enumerate(self.runner.execute_multi_step(batch)):
+            with self.workers.guard():
+                results = self._execute(batch)
+        if batch.num_steps == 1:
+            self._apply(batch, results[0], None, finished, streaming)
+        else:
+            for k, result in enumerate(results):
                 counts = [1 if k < limit else 0 for limit in batch.step_limits]
                 self._apply(batch, result, counts, finished, streaming)
         outputs = []
@@ -212,6 +235,12 @@ class LLMEngine:
             outputs.append(self._make_output(state))
         outputs.extend(self._make_output(state) for state in streaming.values())
         return outputs
+
+    def _execute(self, batch) -> list[StepResult]:
+        """The step's results, one per decode pass."""
+        if batch.num_steps == 1:
+            return [self.runner.execute(batch)]
+        return self.runner.execute_multi_step(batch)
 
     def _apply(self, batch, result, counts, finished: list[RequestState],
                streaming: dict[str, RequestState]) -> None:
@@ -266,6 +295,12 @@ class LLMEngine:
             finished=state.finished,
             num_cached_tokens=max(s.num_cached_prompt_tokens for s in state.seqs),
         )
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if there are any (idempotent). The engine cannot
+        run steps afterwards."""
+        if self.workers is not None:
+            self._finalizer()
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

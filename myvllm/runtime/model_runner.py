@@ -3,6 +3,12 @@
 The runner owns the model, the KV cache, the attention backend, the sampler and
 (on CUDA, unless enforce_eager) the decode CUDA graphs. One device-to-host copy
 per step brings the sampled ids back (plus the logprobs, when a request asks).
+
+Under tensor parallelism every rank has a runner holding its shard of the model
+and of the KV cache. Rank 0's (in the engine's process) sends each step's inputs to
+the others (`workers`), which run the same forward through `forward_step` /
+`forward_multi_step`; the layers' collectives keep the ranks in step, and only
+rank 0 samples.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from myvllm.outputs import Logprob
 from myvllm.runtime import kv_cache
 from myvllm.runtime.scheduler import ScheduledBatch
 from myvllm.runtime.sequence import Sequence
-from myvllm.runtime.step_inputs import StepInputs, build_step_inputs, host_to_device
+from myvllm.runtime.step_inputs import StepInputs, build_step_inputs, host_to_device, multi_step_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +64,16 @@ def default_dtype(dtype: torch.dtype):
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                 checkpoint_path: str | None, tp: TensorParallelGroup = SINGLE) -> None:
+                 checkpoint_path: str | None, tp: TensorParallelGroup = SINGLE, workers=None) -> None:
+        """tp: this rank's group. workers (rank 0 of a tensor-parallel engine only): the
+        runtime.workers.WorkerGroup of the other ranks, which get every step's inputs."""
         self.config = config
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.block_size = config.kvcache_block_size
-        self.device = config.torch_device
+        self.tp = tp
+        self.workers = workers
+        self.device = config.rank_device(tp.rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = model_config.resolve_dtype(config.dtype)
@@ -79,6 +89,7 @@ class ModelRunner:
         else:
             load_checkpoint(self.model, checkpoint_path, model_config.tie_word_embeddings)
         self.model.eval()
+        self.tp.barrier()  # every rank loaded (a rank that failed is seen here, before any device collective)
         logger.info("model built and loaded in %.2f s (%s, %s)", time.perf_counter() - start, self.dtype, self.device)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -110,6 +121,7 @@ class ModelRunner:
             num_blocks = kv_cache.cuda_num_blocks(cfg, per_block, peak, self.device)
         else:
             num_blocks = kv_cache.cpu_num_blocks(cfg, per_block, self.max_model_len)
+        num_blocks = self.tp.host_min(num_blocks)  # the scheduler's block ids must be valid on every rank
         kv_cache.check_fits(num_blocks, cfg, self.max_model_len, per_block)
         self.kv_cache = kv_cache.allocate_kv_cache(mc.num_hidden_layers, num_blocks, self.block_size,
                                                    self.num_kv_heads, mc.head_dim, self.dtype, self.device)
@@ -193,13 +205,17 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden, meta)
 
+    def _step_logits(self, inputs: StepInputs, padded_batch_size: int) -> torch.Tensor:
+        if self.graph_runner is not None and self.graph_runner.can_run(inputs, padded_batch_size):
+            return self.graph_runner.run(inputs, padded_batch_size)
+        return self._forward_eager(inputs)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
         inputs = build_step_inputs(batch, self.block_size)
-        if self.graph_runner is not None and self.graph_runner.can_run(inputs, batch.padded_batch_size):
-            logits = self.graph_runner.run(inputs, batch.padded_batch_size)
-        else:
-            logits = self._forward_eager(inputs)
+        if self.workers is not None:
+            self.workers.send("forward_step", inputs, batch.padded_batch_size)
+        logits = self._step_logits(inputs, batch.padded_batch_size)
         sampling_seqs = [batch.seqs[i] for i in inputs.sample_rows]
         result = self.sample(logits, sampling_seqs)
         tokens: list[int | None] = [None] * len(batch.seqs)
@@ -210,6 +226,14 @@ class ModelRunner:
         return StepResult(tokens, logprobs)
 
     @torch.inference_mode()
+    def forward_step(self, inputs: StepInputs, padded_batch_size: int) -> None:
+        """A rank > 0's part of execute(): the same forward (its collectives matching rank 0's);
+        the logits are dropped, rank 0 samples. No host sync: rank 0 syncs at the end of every
+        decode step, after this rank's all-reduces of the step and so after its copies from the
+        graph runner's staging buffers, which the next step may overwrite."""
+        self._step_logits(inputs, padded_batch_size)
+
+    @torch.inference_mode()
     def execute_multi_step(self, batch: ScheduledBatch) -> list[StepResult]:
         """Run batch.num_steps decode passes; pass k+1 reads the tokens pass k sampled on the
         device, so the host syncs once, at the end. Sequence i keeps its first
@@ -217,46 +241,75 @@ class ModelRunner:
         inputs = build_step_inputs(batch, self.block_size)
         num_steps, b = batch.num_steps, len(batch.seqs)
         limits = np.asarray(batch.step_limits, dtype=np.int64)
-        # [K, B] per-pass positions, slots and lengths; passes past a seq's limit repeat its
-        # last valid position with slot -1
-        offset = np.minimum(np.arange(num_steps)[:, None], limits[None, :] - 1)
-        positions = inputs.positions[None, :] + offset
-        seq_lens = (inputs.seq_lens[None, :] + offset).astype(np.int32)
-        rows = np.broadcast_to(np.arange(b), positions.shape)
-        slots = inputs.block_tables[rows, positions // self.block_size].astype(np.int64) * self.block_size
-        slots += positions % self.block_size
-        slots[np.arange(num_steps)[:, None] >= limits[None, :]] = -1
-        dev = self.device
-        positions_d, slots_d, seq_lens_d = (host_to_device(a, dev) for a in (positions, slots, seq_lens))
+        if self.workers is not None:
+            self.workers.send("forward_multi_step", inputs, batch.padded_batch_size, num_steps, limits)
         st = self.sampling_tensors(batch.seqs)
         if st.fused_seeds is not None:  # pass k: seeded rows at token index + k, others k calls later
             seeds0 = st.fused_seeds
             seeded = np.array([s.seed is not None for s in batch.seqs])
-            seed_step = host_to_device(np.where(seeded, 1, ROWS_PER_CALL).astype(np.int64), dev)
+            seed_step = host_to_device(np.where(seeded, 1, ROWS_PER_CALL).astype(np.int64), self.device)
             self._sample_calls += num_steps - 1
-        graph = self.graph_runner if (self.graph_runner is not None
-                                      and self.graph_runner.can_run(inputs, batch.padded_batch_size)) else None
         outs: list[SamplerOutput] = []
-        if graph is not None:
-            graph.load_host(inputs, batch.padded_batch_size)
-        else:
-            input_ids, _, meta = inputs.to_device(dev)
-        for k in range(num_steps):
-            if graph is not None:
-                if k > 0:
-                    graph.load_device(outs[-1].token_ids, positions_d[k], slots_d[k], seq_lens_d[k])
-                logits = graph.replay(b, batch.padded_batch_size)
-            else:
-                if k > 0:
-                    input_ids = outs[-1].token_ids
-                    meta.slot_mapping, meta.seq_lens = slots_d[k], seq_lens_d[k]
-                    meta.max_seq_len = int(seq_lens[k].max())
-                logits = self.forward(input_ids, positions_d[k], meta)
+
+        def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
             if st.fused_seeds is not None and k > 0:
                 st.fused_seeds = seeds0 + k * seed_step
             outs.append(self.sampler(logits, st))
+            return outs[-1].token_ids
+
+        self._decode_passes(inputs, batch.padded_batch_size, num_steps, limits, sample)
+        self._await_workers()
         return [self._to_host(out, batch.seqs) for out in outs] if st.num_logprobs is not None else \
             [StepResult(tokens, [None] * b) for tokens in torch.stack([o.token_ids for o in outs]).tolist()]
+
+    @torch.inference_mode()
+    def forward_multi_step(self, inputs: StepInputs, padded_batch_size: int, num_steps: int,
+                           step_limits: np.ndarray) -> None:
+        """A rank > 0's part of execute_multi_step(): the same passes, each pass's tokens
+        received from rank 0."""
+        b = inputs.num_tokens
+
+        def receive(k: int, logits: torch.Tensor) -> torch.Tensor:
+            return torch.empty(b, dtype=torch.int64, device=self.device)  # filled by the broadcast
+
+        self._decode_passes(inputs, padded_batch_size, num_steps, step_limits, receive)
+
+    def _decode_passes(self, inputs: StepInputs, padded_batch_size: int, num_steps: int, limits: np.ndarray,
+                       sample) -> None:
+        """The forward passes of a multi-step decode. sample(k, logits) gives pass k's tokens [B],
+        the input ids of pass k+1; under tensor parallelism rank 0's are broadcast to the other
+        ranks (a device collective: the host does not wait for it)."""
+        b = inputs.num_tokens  # one token per sequence
+        positions, slots, seq_lens = multi_step_arrays(inputs, num_steps, limits, self.block_size)
+        dev = self.device
+        positions_d, slots_d, seq_lens_d = (host_to_device(a, dev) for a in (positions, slots, seq_lens))
+        graph = self.graph_runner if (self.graph_runner is not None
+                                      and self.graph_runner.can_run(inputs, padded_batch_size)) else None
+        if graph is not None:
+            graph.load_host(inputs, padded_batch_size)
+        else:
+            input_ids, _, meta = inputs.to_device(dev)
+        tokens = None
+        for k in range(num_steps):
+            if graph is not None:
+                if k > 0:
+                    graph.load_device(tokens, positions_d[k], slots_d[k], seq_lens_d[k])
+                logits = graph.replay(b, padded_batch_size)
+            else:
+                if k > 0:
+                    input_ids = tokens
+                    meta.slot_mapping, meta.seq_lens = slots_d[k], seq_lens_d[k]
+                    meta.max_seq_len = int(seq_lens[k].max())
+                logits = self.forward(input_ids, positions_d[k], meta)
+            tokens = sample(k, logits)
+            if k + 1 < num_steps:
+                self.tp.broadcast(tokens, src=0)
+
+    def _await_workers(self) -> None:
+        """Before a host sync on rank 0: wait for the device while watching the other ranks, so
+        that a rank that died mid-step raises here instead of leaving a collective waiting."""
+        if self.workers is not None:
+            self.workers.wait_device(self.device)
 
     # ---- sampling ------------------------------------------------------------------------------
 
@@ -332,6 +385,7 @@ class ModelRunner:
         return self._to_host(self.sampler(logits, self.sampling_tensors(seqs)), seqs)
 
     def _to_host(self, out: SamplerOutput, seqs: list[Sequence]) -> StepResult:
+        self._await_workers()
         if out.logprobs is None:
             return StepResult(out.token_ids.tolist(), [None] * len(seqs))  # the step's one host sync
         token_ids = out.token_ids.tolist()

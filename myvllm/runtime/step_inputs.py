@@ -116,3 +116,19 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
         max_seq_len=int(seq_lens.max()),
         is_decode_only=batch.is_decode_only,
     )
+
+
+def multi_step_arrays(inputs: StepInputs, num_steps: int, limits: np.ndarray,
+                      block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-pass positions, slots [K, B] int64 and seq_lens [K, B] int32 of a multi-step decode
+    whose first pass is `inputs`; sequence b keeps limits[b] passes, and later passes repeat its
+    last valid position with slot -1 (write nothing)."""
+    b = inputs.num_tokens
+    offset = np.minimum(np.arange(num_steps)[:, None], limits[None, :] - 1)
+    positions = inputs.positions[None, :] + offset
+    seq_lens = (inputs.seq_lens[None, :] + offset).astype(np.int32)
+    rows = np.broadcast_to(np.arange(b), positions.shape)
+    slots = inputs.block_tables[rows, positions // block_size].astype(np.int64) * block_size
+    slots += positions % block_size
+    slots[np.arange(num_steps)[:, None] >= limits[None, :]] = -1
+    return positions, slots, seq_lens
