@@ -227,21 +227,26 @@ def simulate(w: Workload, stats: FuzzStats | None = None) -> int:
         if num_steps > 1:
             multi += 1
             assert batch.is_decode_only and len(batch.step_limits) == len(batch.seqs)
-        for k in range(num_steps):
-            counts = batch.num_new_tokens if num_steps == 1 else [1 if k < lim else 0 for lim in batch.step_limits]
+        if num_steps == 1:
             sampled = []
-            for s, n in zip(batch.seqs, counts):
-                if n and s.status is SequenceStatus.RUNNING:
-                    c = s.num_computed_tokens
-                    assert len(s.block_table) * w.block_size >= c + n, f"{s} computes past its blocks"
-                    for p in range(c, c + n):
-                        kv[(s.block_table[p // w.block_size], p % w.block_size)] = s.token_ids[p]
-                    sampled.append(fake_token(s) if c + n == len(s) else None)
-                else:
-                    sampled.append(None)
-            got = sched.update(batch, sampled, None if num_steps == 1 else counts)
-            for s in got:
+            for s, n in zip(batch.seqs, batch.num_new_tokens):
+                c = s.num_computed_tokens
+                assert len(s.block_table) * w.block_size >= c + n, f"{s} computes past its blocks"
+                for p in range(c, c + n):
+                    kv[(s.block_table[p // w.block_size], p % w.block_size)] = s.token_ids[p]
+                sampled.append(fake_token(s) if c + n == len(s) else None)
+            for s in sched.update(batch, sampled):
                 finish_if_done(s)
+        else:  # the engine's order: each seq's passes in turn, up to its limit or its stop
+            for s, limit in zip(batch.seqs, batch.step_limits):
+                for _ in range(limit):
+                    if s.status is not SequenceStatus.RUNNING:
+                        break
+                    c = s.num_computed_tokens
+                    assert len(s.block_table) * w.block_size >= c + 1, f"{s} computes past its blocks"
+                    kv[(s.block_table[c // w.block_size], c % w.block_size)] = s.token_ids[c]
+                    sched.append_tokens(s, [fake_token(s)])
+                    finish_if_done(s)
         check_state(sched, kv, reqs)
 
     # FIFO: first admissions follow arrival order

@@ -222,11 +222,9 @@ class LLMEngine:
             with self.workers.guard():
                 results = self._execute(batch)
         if batch.num_steps == 1:
-            self._apply(batch, results[0], None, finished, streaming)
+            self._apply(batch, results[0], finished, streaming)
         else:
-            for k, result in enumerate(results):
-                counts = [1 if k < limit else 0 for limit in batch.step_limits]
-                self._apply(batch, result, counts, finished, streaming)
+            self._apply_window(batch, results, finished, streaming)
         outputs = []
         for state in finished:
             streaming.pop(state.request_id, None)
@@ -242,23 +240,52 @@ class LLMEngine:
             return [self.runner.execute(batch)]
         return self.runner.execute_multi_step(batch)
 
-    def _apply(self, batch, result, counts, finished: list[RequestState],
+    def _apply(self, batch, result: StepResult, finished: list[RequestState],
                streaming: dict[str, RequestState]) -> None:
         """Append one pass's tokens, check stops, collect finished and streaming requests."""
-        for seq, lp, n in zip(batch.seqs, result.logprobs, counts or batch.num_new_tokens):
-            if lp is not None and n and seq.logprobs is not None and not seq.is_finished:
+        for seq, lp in zip(batch.seqs, result.logprobs):
+            if lp is not None and seq.logprobs is not None and not seq.is_finished:
                 seq.cumulative_logprob += lp[0]
                 seq.logprobs.append(lp[1])
-        for seq in self.scheduler.update(batch, result.token_ids, counts):
-            state = self.requests[seq.request_id]
-            stop = self.stop_checker.check(seq)
-            if stop is not None:
-                self.scheduler.finish(seq, stop[0])
-                seq.stop_reason = stop[1]
-                if state.finished:
-                    finished.append(state)
-            elif state.stream:
+        for seq in self.scheduler.update(batch, result.token_ids):
+            self._check_stop(seq, finished, streaming)
+
+    def _apply_window(self, batch, results: list[StepResult], finished: list[RequestState],
+                      streaming: dict[str, RequestState]) -> None:
+        """The tokens of a multi-step batch, sequence by sequence: seq i keeps the tokens of its
+        first step_limits[i] passes, up to the first that stops it."""
+        for i, seq in enumerate(batch.seqs):
+            if seq.status is not SequenceStatus.RUNNING:  # aborted while the step ran
+                continue
+            tokens = [results[k].token_ids[i] for k in range(batch.step_limits[i])]
+            p = seq.params
+            if seq.logprobs is None and p.ignore_eos and not p.stop_token_ids and not p.stop_list:
+                # only a length can stop it, and the window ends at or before that length
+                self.scheduler.append_tokens(seq, tokens)
+                self._check_stop(seq, finished, streaming)
+                continue
+            for k, token in enumerate(tokens):
+                lp = results[k].logprobs[i]
+                if lp is not None and seq.logprobs is not None:
+                    seq.cumulative_logprob += lp[0]
+                    seq.logprobs.append(lp[1])
+                self.scheduler.append_tokens(seq, [token])
+                if self._check_stop(seq, finished, streaming):
+                    break
+
+    def _check_stop(self, seq: Sequence, finished: list[RequestState], streaming: dict[str, RequestState]) -> bool:
+        """Finish seq if its last token stops it; True if it did."""
+        state = self.requests[seq.request_id]
+        stop = self.stop_checker.check(seq)
+        if stop is None:
+            if state.stream:
                 streaming[state.request_id] = state
+            return False
+        self.scheduler.finish(seq, stop[0])
+        seq.stop_reason = stop[1]
+        if state.finished:
+            finished.append(state)
+        return True
 
     # ---- outputs -------------------------------------------------------------------------------
 

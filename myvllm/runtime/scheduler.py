@@ -204,18 +204,15 @@ class Scheduler:
         batch.num_steps = max(limits)
         batch.step_limits = limits
 
-    def update(self, batch: ScheduledBatch, sampled: list[int | None],
-               num_new_tokens: list[int] | None = None) -> list[Sequence]:
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
         """Advance each seq past its computed chunk, append sampled tokens, cache full blocks.
 
         sampled[i] is the new token of seq i, or None for a chunk that does not end its tokens.
-        num_new_tokens overrides the batch's counts (one pass of a multi-step batch: 1 or 0).
         Returns the sequences that received a token.
         """
         got_token = []
-        counts = batch.num_new_tokens if num_new_tokens is None else num_new_tokens
-        for seq, n, token in zip(batch.seqs, counts, sampled):
-            if n == 0 or seq.status is not SequenceStatus.RUNNING:  # past its limit, or finished/aborted
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+            if seq.status is not SequenceStatus.RUNNING:  # finished or aborted while the step ran
                 continue
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
@@ -223,6 +220,13 @@ class Scheduler:
                 seq.append_token(token)
                 got_token.append(seq)
         return got_token
+
+    def append_tokens(self, seq: Sequence, tokens: list[int]) -> None:
+        """The tokens of consecutive decode passes of a running seq: each pass computed the K/V
+        of the token before it and sampled the next."""
+        seq.num_computed_tokens += len(tokens)
+        seq.token_ids.extend(tokens)
+        self.block_manager.cache_full_blocks(seq)
 
     def check_integrity(self) -> None:
         """Block manager invariants over the sequences that hold blocks."""
