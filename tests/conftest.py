@@ -36,3 +36,14 @@ def hf_tiny(tiny_model_dir):
     from tiny_model import load_hf_model
 
     return load_hf_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module: the tiny model's ops are far too small to
+    gain from threads, and spinning threads slow every step down many times over when other
+    work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

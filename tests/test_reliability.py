@@ -43,13 +43,8 @@ IN_FLIGHT_PROMPT = [11, 12, 13, 14, 15]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are far too small to gain from intra-op threads, and spinning
-    threads slow every step down many times over when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Every test of this module runs torch on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 from engine_utils import SMALL_KV
 from tiny_model import WORDS
 
@@ -40,13 +39,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are far too small to gain from intra-op threads, and spinning
-    threads slow every step down many times over when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Every test of this module runs torch on one thread (see conftest.one_thread)."""
 
 
 def rss_mib() -> float:
