@@ -1,0 +1,1 @@
+"""CUDA sources of the fused kernels and the code that builds them at first use."""
