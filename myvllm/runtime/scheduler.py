@@ -10,6 +10,8 @@ Per step, under a token budget (max_num_batched_tokens) and a sequence cap
      (its blocks are freed and it is recomputed later), or itself if none is left;
   2. waiting sequences in arrival order, each with its prefix-cache hits, its
      prompt chunked to the remaining budget, while blocks and budget last.
+  3. a decode-only batch with nothing waiting may run several passes (up to
+     num_scheduler_steps) if every sequence gets the blocks for them.
 Running sequences are kept in arrival order, so the oldest request is the last to
 be preempted and no request waits forever.
 """
