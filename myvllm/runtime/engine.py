@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -144,11 +143,11 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens: it must be shorter than max_model_len={self.max_model_len} "
                 f"(at most {self.max_model_len - 1} tokens)"
             )
-        need = math.ceil((len(ids) + 1) / self.config.kvcache_block_size)
-        if need > self.runner.num_blocks:
+        bm = self.block_manager
+        need = bm.blocks_for_tokens(len(ids) + 1)
+        if need > bm.num_blocks:
             raise ValueError(
-                f"prompt has {len(ids)} tokens and needs {need} KV blocks, but the cache has "
-                f"{self.runner.num_blocks} in all"
+                f"prompt has {len(ids)} tokens and needs {need} KV blocks, but the cache has {bm.num_blocks} in all"
             )
         return list(ids)
 
