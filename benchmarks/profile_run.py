@@ -72,7 +72,8 @@ def main() -> None:
     t = defaultdict(float)
     engine.scheduler.schedule = timed(engine.scheduler.schedule, t, "schedule")
     engine.runner.execute = timed(engine.runner.execute, t, "execute")
-    engine.runner.execute_multi_step = timed(engine.runner.execute_multi_step, t, "execute_multi_step")
+    engine.runner.launch_decode = timed(engine.runner.launch_decode, t, "launch_decode")
+    engine.runner.collect = timed(engine.runner.collect, t, "collect")
     engine.scheduler.update = timed(engine.scheduler.update, t, "update")
     engine.stop_checker.check = timed(engine.stop_checker.check, t, "stop_check")
 
@@ -99,7 +100,7 @@ def main() -> None:
     out_tokens = sum(p.max_tokens for p in params)
 
     print(f"whole run: {total:.2f} s, {steps} engine steps, {out_tokens / total:.0f} output tok/s")
-    for key in ("schedule", "execute", "execute_multi_step", "update", "stop_check"):
+    for key in ("schedule", "execute", "launch_decode", "collect", "update", "stop_check"):
         if t[key + "_calls"]:
             print(f"  {key:20s} {t[key]:7.3f} s  {t[key + '_calls']:6.0f} calls  "
                   f"{t[key] / t[key + '_calls'] * 1e3:8.3f} ms/call")

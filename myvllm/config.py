@@ -117,6 +117,9 @@ class EngineConfig:
     # Decode-only steps run this many forward passes per schedule (inputs of pass k+1 are
     # the tokens sampled in pass k, on the device), amortising host work over them.
     num_scheduler_steps: int = 8
+    # Schedule the next decode batch while the previous one runs on the device, so that the
+    # host's work between batches overlaps the device's.
+    async_scheduling: bool = True
     tensor_parallel_size: int = 1
     max_logprobs: int = 20
     # Fused CUDA kernels built with nvcc at first use; off falls back to torch ops.
@@ -145,7 +148,8 @@ class EngineConfig:
                 f"kvcache_block_size={self.kvcache_block_size} must be a power of two in "
                 f"[{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
             )
-        for name in ("enable_prefix_caching", "enforce_eager", "skip_tokenizer_init", "use_cuda_kernels"):
+        for name in ("enable_prefix_caching", "enforce_eager", "skip_tokenizer_init", "use_cuda_kernels",
+                     "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_choice("load_format", self.load_format, LOAD_FORMATS)

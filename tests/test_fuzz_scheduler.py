@@ -124,7 +124,7 @@ def workloads(draw) -> Workload:
 
 def fake_token(seq: Sequence) -> int:
     """A 'model': the next token depends only on the sequence's content."""
-    return 7 + (seq.token_ids[-1] * 31 + len(seq) * 17) % 101
+    return 7 + (seq.token_ids[-1] * 31 + len(seq.token_ids) * 17) % 101
 
 
 def expected_outputs(r: Request, max_model_len: int) -> tuple[int, str]:
@@ -185,10 +185,10 @@ def simulate(w: Workload, stats: FuzzStats | None = None) -> int:
 
     def finish_if_done(seq: Sequence) -> None:
         r = reqs[int(seq.request_id)]
-        n = seq.num_output_tokens
+        n = seq.num_received_output_tokens
         if r.stop_at is not None and n == r.stop_at:
             sched.finish(seq, "stop")
-        elif n >= r.max_tokens or len(seq) >= w.max_model_len:
+        elif n >= r.max_tokens or len(seq.token_ids) >= w.max_model_len:
             sched.finish(seq, "length")
 
     while True:
@@ -237,15 +237,16 @@ def simulate(w: Workload, stats: FuzzStats | None = None) -> int:
                 sampled.append(fake_token(s) if c + n == len(s) else None)
             for s in sched.update(batch, sampled):
                 finish_if_done(s)
-        else:  # the engine's order: each seq's passes in turn, up to its limit or its stop
-            for s, limit in zip(batch.seqs, batch.step_limits):
-                for _ in range(limit):
+        else:  # the engine's order: launch (tokens in flight), then each seq's passes in turn
+            starts = [s.num_computed_tokens for s in batch.seqs]
+            sched.advance_window(batch)
+            for s, c0, limit in zip(batch.seqs, starts, batch.step_limits):
+                for c in range(c0, c0 + limit):
                     if s.status is not SequenceStatus.RUNNING:
                         break
-                    c = s.num_computed_tokens
                     assert len(s.block_table) * w.block_size >= c + 1, f"{s} computes past its blocks"
                     kv[(s.block_table[c // w.block_size], c % w.block_size)] = s.token_ids[c]
-                    sched.append_tokens(s, [fake_token(s)])
+                    sched.receive_tokens(s, [fake_token(s)])
                     finish_if_done(s)
         check_state(sched, kv, reqs)
 

@@ -53,19 +53,19 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> bool:
 def generate_checked(llm: LLM, params: list[SamplingParams]):
     """Outputs of prompts() with block-manager checks; also counts multi-step decode steps."""
     runner = llm.engine.runner
-    original = runner.execute_multi_step
+    original = runner.launch_decode
     calls = []
 
-    def counting(batch):
+    def counting(batch, prev=None):
         calls.append(batch.num_steps)
-        return original(batch)
+        return original(batch, prev)
 
-    runner.execute_multi_step = counting
+    runner.launch_decode = counting
     stats = RunStats()
     try:
         outs = run_checked(llm, prompts(), params, stats)
     finally:
-        runner.execute_multi_step = original
+        runner.launch_decode = original
     return outs, stats, calls
 
 

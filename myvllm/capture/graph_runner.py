@@ -58,9 +58,15 @@ class GraphRunner:
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
         self.tokens[2].fill_(-1)
         pin = dev.type == "cuda"
-        self.host_tokens = torch.zeros(3, n, dtype=torch.int64, pin_memory=pin)
-        self.host_seq_lens = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
-        self.host_block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        # Two sets of pinned staging buffers, used in turn: a window's inputs are staged while
+        # the copies of the window before it (launched, still running) may not have run yet.
+        self.staging = [
+            (torch.zeros(3, n, dtype=torch.int64, pin_memory=pin),
+             torch.zeros(n, dtype=torch.int32, pin_memory=pin),
+             torch.zeros(n, self.max_blocks, dtype=torch.int32, pin_memory=pin))
+            for _ in range(2)
+        ]
+        self.num_loads = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> static hidden states [bs, hidden]
         self.pool = None
@@ -112,21 +118,27 @@ class GraphRunner:
         """Stage a decode step's host inputs into the static buffers; padding rows write nothing."""
         b, p = inputs.num_tokens, padded_batch_size
         width = inputs.block_tables.shape[1]
-        host = self.host_tokens.numpy()
+        host_tokens, host_seq_lens, host_block_tables = self.staging[self.num_loads % 2]
+        self.num_loads += 1
+        host = host_tokens.numpy()
         host[0, :b] = inputs.input_ids
         host[1, :b] = inputs.positions
         host[2, :b] = inputs.slot_mapping
         host[:2, b:p] = 0
         host[2, b:p] = -1
-        lens = self.host_seq_lens.numpy()
+        lens = host_seq_lens.numpy()
         lens[:b] = inputs.seq_lens
         lens[b:p] = 0
-        tables = self.host_block_tables.numpy()
+        tables = host_block_tables.numpy()
         tables[:b, :width] = inputs.block_tables
         # whole contiguous ranges: a strided copy would stage through pageable memory
-        self.tokens.copy_(self.host_tokens, non_blocking=True)
-        self.seq_lens[:p].copy_(self.host_seq_lens[:p], non_blocking=True)
-        self.block_tables[:b].copy_(self.host_block_tables[:b], non_blocking=True)
+        self.tokens.copy_(host_tokens, non_blocking=True)
+        self.seq_lens[:p].copy_(host_seq_lens[:p], non_blocking=True)
+        self.block_tables[:b].copy_(host_block_tables[:b], non_blocking=True)
+
+    def load_input_ids(self, rows: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Overwrite the input ids of some rows with values on the device (tokens in flight)."""
+        self.tokens[0].index_copy_(0, rows, input_ids)
 
     def load_device(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                     seq_lens: torch.Tensor) -> None:

@@ -153,7 +153,8 @@ class BlockManager:
         """Register the hashes of seq's blocks that became full of computed tokens."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # computed tokens still in flight have no values on the host yet: they wait
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         if num_full <= seq.num_hashed_blocks:
             return
         hashes = self._seq_block_hashes(seq, num_full)

@@ -3,6 +3,14 @@
     add_request -> validate, tokenize, n Sequences -> scheduler.add
     step        -> scheduler.schedule -> model_runner.execute -> scheduler.update
                    -> stop checks -> free finished -> outputs of finished requests
+
+Decode-only batches are launched without waiting for their tokens. With
+async_scheduling, the next decode batch is scheduled and launched while the
+previous one still runs on the device (its sequences' last tokens are counted in
+flight and fed to the new batch on the device); then the previous batch's tokens are
+read back, stops checked and outputs made. A sequence that stopped in the previous
+batch has computed one more batch for nothing; its tokens are dropped. Prefills wait
+for the window in flight to be read back first.
     abort_request frees a request's blocks wherever it is (waiting, running, preempted).
 
 With tensor_parallel_size N > 1 the engine starts N - 1 worker processes (runtime.workers)
@@ -23,7 +31,7 @@ from myvllm.models.resolve import load_generation_eos, load_tokenizer, resolve_m
 from myvllm.outputs import CompletionOutput, RequestOutput
 from myvllm.runtime.block_manager import BlockManager
 from myvllm.runtime.detokenizer import decode_new_text
-from myvllm.runtime.model_runner import ModelRunner, StepResult
+from myvllm.runtime.model_runner import DecodeWindow, ModelRunner, StepResult
 from myvllm.runtime.scheduler import Scheduler
 from myvllm.runtime.sequence import Sequence, SequenceStatus, StopState
 from myvllm.runtime.stop_checker import StopChecker
@@ -83,6 +91,10 @@ class LLMEngine:
                                    graph_sizes, self.max_model_len, config.num_scheduler_steps)
         self.stop_checker = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
         self.requests: dict[str, RequestState] = {}
+        # Schedule decode windows ahead of the one in flight (not with tensor parallelism,
+        # where the other ranks would need the tokens in flight too).
+        self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
+        self._inflight: DecodeWindow | None = None  # launched, not yet read back
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
@@ -210,20 +222,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns the outputs of requests that finished in it
         (and of streaming requests that progressed)."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
         finished: list[RequestState] = []
         streaming: dict[str, RequestState] = {}
         if self.workers is None:
-            results = self._execute(batch)
+            self._step(finished, streaming)
         else:
             with self.workers.guard():
-                results = self._execute(batch)
-        if batch.num_steps == 1:
-            self._apply(batch, results[0], finished, streaming)
-        else:
-            self._apply_window(batch, results, finished, streaming)
+                self._step(finished, streaming)
         outputs = []
         for state in finished:
             streaming.pop(state.request_id, None)
@@ -233,11 +238,55 @@ class LLMEngine:
         outputs.extend(self._make_output(state) for state in streaming.values())
         return outputs
 
-    def _execute(self, batch) -> list[StepResult]:
-        """The step's results, one per decode pass."""
-        if batch.num_steps == 1:
-            return [self.runner.execute(batch)]
-        return self.runner.execute_multi_step(batch)
+    def _step(self, finished: list[RequestState], streaming: dict[str, RequestState]) -> None:
+        """Either complete the window in flight, or schedule and launch the next batch (ahead of
+        the window in flight when nothing in it depends on that window's tokens) and then
+        complete the window in flight. A step that raises before launching leaves the engine
+        as it was: the window in flight stays so, and nothing is applied twice."""
+        prev = self._inflight
+        if prev is not None and not self._can_schedule_ahead():
+            self._inflight = None
+            self._complete(prev, finished, streaming)
+            return
+        batch = self.scheduler.schedule()
+        if batch is None:
+            if prev is not None:
+                self._inflight = None
+                self._complete(prev, finished, streaming)
+            return
+        if not batch.is_decode_only:  # prefill chunks: one synchronous step
+            assert prev is None, "a prefill was scheduled while a decode window was in flight"
+            result = self.runner.execute(batch)
+            self._apply(batch, result, finished, streaming)
+            return
+        window = self.runner.launch_decode(batch, prev)
+        self.scheduler.advance_window(batch)
+        self._inflight = window
+        if prev is not None:
+            self._complete(prev, finished, streaming)
+        elif not self.async_scheduling:
+            self._inflight = None
+            self._complete(window, finished, streaming)
+
+    def _can_schedule_ahead(self) -> bool:
+        """Whether the next batch can be scheduled before the window in flight is read back: it
+        then holds only decodes of running sequences (their input tokens are on the device),
+        and needs no preemption (which would drop tokens in flight, whose draws a sequence's
+        own generator has already made)."""
+        sched = self.scheduler
+        if not self.async_scheduling or sched.waiting:
+            return False
+        bm = sched.block_manager
+        need = 0
+        for s in sched.running:
+            if s.num_uncomputed_tokens != 1:
+                return False
+            need += bm.num_new_blocks(s, 1)
+        return need <= bm.num_free_blocks
+
+    def _complete(self, window: DecodeWindow, finished: list[RequestState],
+                  streaming: dict[str, RequestState]) -> None:
+        self._apply_window(window.batch, self.runner.collect(window), finished, streaming)
 
     def _apply(self, batch, result: StepResult, finished: list[RequestState],
                streaming: dict[str, RequestState]) -> None:
@@ -251,16 +300,16 @@ class LLMEngine:
 
     def _apply_window(self, batch, results: list[StepResult], finished: list[RequestState],
                       streaming: dict[str, RequestState]) -> None:
-        """The tokens of a multi-step batch, sequence by sequence: seq i keeps the tokens of its
-        first step_limits[i] passes, up to the first that stops it."""
-        for i, seq in enumerate(batch.seqs):
-            if seq.status is not SequenceStatus.RUNNING:  # aborted while the step ran
+        """The tokens of a decode-only batch, sequence by sequence: seq i receives the tokens of
+        its first limits[i] passes, up to the first that stops it."""
+        for i, (seq, limit) in enumerate(zip(batch.seqs, batch.limits)):
+            if seq.status is not SequenceStatus.RUNNING:  # finished, aborted or preempted meanwhile
                 continue
-            tokens = [results[k].token_ids[i] for k in range(batch.step_limits[i])]
+            tokens = [results[k].token_ids[i] for k in range(limit)]
             p = seq.params
             if seq.logprobs is None and p.ignore_eos and not p.stop_token_ids and not p.stop_list:
                 # only a length can stop it, and the window ends at or before that length
-                self.scheduler.append_tokens(seq, tokens)
+                self.scheduler.receive_tokens(seq, tokens)
                 self._check_stop(seq, finished, streaming)
                 continue
             for k, token in enumerate(tokens):
@@ -268,7 +317,7 @@ class LLMEngine:
                 if lp is not None and seq.logprobs is not None:
                     seq.cumulative_logprob += lp[0]
                     seq.logprobs.append(lp[1])
-                self.scheduler.append_tokens(seq, [token])
+                self.scheduler.receive_tokens(seq, [token])
                 if self._check_stop(seq, finished, streaming):
                     break
 

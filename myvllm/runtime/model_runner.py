@@ -2,7 +2,9 @@
 
 The runner owns the model, the KV cache, the attention backend, the sampler and
 (on CUDA, unless enforce_eager) the decode CUDA graphs. One device-to-host copy
-per step brings the sampled ids back (plus the logprobs, when a request asks).
+per step brings the sampled ids back (plus the logprobs, when a request asks);
+decode-only batches are launched without waiting for it (launch_decode) and
+collected later (collect), so the host can prepare the next batch meanwhile.
 
 Under tensor parallelism every rank has a runner holding its shard of the model
 and of the KV cache. Rank 0's (in the engine's process) sends each step's inputs to
@@ -31,6 +33,7 @@ from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.qwen3_opt import Qwen3ForCausalLM
 from myvllm.outputs import Logprob
 from myvllm.runtime import kv_cache
+from myvllm.runtime.host_copy import HostCopy
 from myvllm.runtime.scheduler import ScheduledBatch
 from myvllm.runtime.sequence import Sequence
 from myvllm.runtime.step_inputs import StepInputs, build_step_inputs, host_to_device, multi_step_arrays
@@ -42,6 +45,18 @@ logger = logging.getLogger(__name__)
 SEED_MIX = 0x9E3779B97F4A7C15 >> 1
 ROWS_PER_CALL = 1 << 20
 SEED_MASK = (1 << 62) - 1
+
+
+@dataclass
+class DecodeWindow:
+    """A launched decode-only batch whose tokens are on their way to the host."""
+
+    batch: ScheduledBatch
+    limits: np.ndarray  # int64 [B]: passes whose token row b keeps
+    tokens: torch.Tensor  # [num_steps, B] on the device: the token each pass sampled per row
+    rows: dict[int, int]  # seq_id -> row
+    host_tokens: HostCopy  # of tokens
+    host_outs: list[HostCopy] | None  # of every pass's SamplerOutput, when a row asks for logprobs
 
 
 @dataclass
@@ -234,15 +249,19 @@ class ModelRunner:
         self._step_logits(inputs, padded_batch_size)
 
     @torch.inference_mode()
-    def execute_multi_step(self, batch: ScheduledBatch) -> list[StepResult]:
-        """Run batch.num_steps decode passes; pass k+1 reads the tokens pass k sampled on the
-        device, so the host syncs once, at the end. Sequence i keeps its first
-        batch.step_limits[i] tokens; past that its rows write nothing to the cache."""
+    def launch_decode(self, batch: ScheduledBatch, prev: DecodeWindow | None = None) -> DecodeWindow:
+        """Enqueue batch.num_steps decode passes of a decode-only batch without waiting for them;
+        pass k+1 reads the tokens pass k sampled on the device. Sequence i keeps its first
+        batch.limits[i] tokens; past that its rows write nothing to the cache.
+
+        A sequence with tokens in flight (seq.num_inflight_tokens > 0) takes its input token
+        from `prev`, the window still computing it, on the device. collect() returns the tokens."""
         inputs = build_step_inputs(batch, self.block_size)
-        num_steps, b = batch.num_steps, len(batch.seqs)
-        limits = np.asarray(batch.step_limits, dtype=np.int64)
+        num_steps = batch.num_steps
+        limits = np.asarray(batch.limits, dtype=np.int64)
         if self.workers is not None:
             self.workers.send("forward_multi_step", inputs, batch.padded_batch_size, num_steps, limits)
+        first_ids = self._inflight_input_ids(batch, prev)
         st = self.sampling_tensors(batch.seqs)
         if st.fused_seeds is not None:  # pass k: seeded rows at token index + k, others k calls later
             seeds0 = st.fused_seeds
@@ -257,15 +276,37 @@ class ModelRunner:
             outs.append(self.sampler(logits, st))
             return outs[-1].token_ids
 
-        self._decode_passes(inputs, batch.padded_batch_size, num_steps, limits, sample)
+        self._decode_passes(inputs, batch.padded_batch_size, num_steps, limits, sample, first_ids)
+        tokens = torch.stack([o.token_ids for o in outs])
+        host_outs = [HostCopy(o) for o in outs] if st.num_logprobs is not None else None
+        return DecodeWindow(batch, limits, tokens, {s.seq_id: i for i, s in enumerate(batch.seqs)},
+                            HostCopy(tokens), host_outs)
+
+    def _inflight_input_ids(self, batch: ScheduledBatch,
+                            prev: DecodeWindow | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, token ids) on the device for the sequences whose last token is still in flight:
+        the token prev sampled in the last pass each of them kept."""
+        rows = [i for i, s in enumerate(batch.seqs) if s.num_inflight_tokens]
+        if not rows:
+            return None
+        assert prev is not None, "tokens in flight without the window computing them"
+        prev_rows = np.array([prev.rows[batch.seqs[i].seq_id] for i in rows], dtype=np.int64)
+        flat = (prev.limits[prev_rows] - 1) * prev.tokens.shape[1] + prev_rows
+        index = host_to_device(flat, self.device)
+        return host_to_device(np.asarray(rows, dtype=np.int64), self.device), prev.tokens.view(-1)[index]
+
+    def collect(self, window: DecodeWindow) -> list[StepResult]:
+        """The results of a launched window, one per pass (waits for its tokens)."""
         self._await_workers()
-        return [self._to_host(out, batch.seqs) for out in outs] if st.num_logprobs is not None else \
-            [StepResult(tokens, [None] * b) for tokens in torch.stack([o.token_ids for o in outs]).tolist()]
+        seqs = window.batch.seqs
+        if window.host_outs is not None:
+            return [self._results(out.result(), seqs) for out in window.host_outs]
+        return [StepResult(tokens, [None] * len(seqs)) for tokens in window.host_tokens.result().tolist()]
 
     @torch.inference_mode()
     def forward_multi_step(self, inputs: StepInputs, padded_batch_size: int, num_steps: int,
                            step_limits: np.ndarray) -> None:
-        """A rank > 0's part of execute_multi_step(): the same passes, each pass's tokens
+        """A rank > 0's part of launch_decode(): the same passes, each pass's tokens
         received from rank 0."""
         b = inputs.num_tokens
 
@@ -275,10 +316,11 @@ class ModelRunner:
         self._decode_passes(inputs, padded_batch_size, num_steps, step_limits, receive)
 
     def _decode_passes(self, inputs: StepInputs, padded_batch_size: int, num_steps: int, limits: np.ndarray,
-                       sample) -> None:
+                       sample, first_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """The forward passes of a multi-step decode. sample(k, logits) gives pass k's tokens [B],
         the input ids of pass k+1; under tensor parallelism rank 0's are broadcast to the other
-        ranks (a device collective: the host does not wait for it)."""
+        ranks (a device collective: the host does not wait for it). first_ids (rows, ids)
+        overrides input ids of the first pass with values on the device."""
         b = inputs.num_tokens  # one token per sequence
         positions, slots, seq_lens = multi_step_arrays(inputs, num_steps, limits, self.block_size)
         dev = self.device
@@ -287,8 +329,12 @@ class ModelRunner:
                                       and self.graph_runner.can_run(inputs, padded_batch_size)) else None
         if graph is not None:
             graph.load_host(inputs, padded_batch_size)
+            if first_ids is not None:
+                graph.load_input_ids(*first_ids)
         else:
             input_ids, _, meta = inputs.to_device(dev)
+            if first_ids is not None:
+                input_ids.index_copy_(0, *first_ids)
         tokens = None
         for k in range(num_steps):
             if graph is not None:
@@ -382,10 +428,13 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
         if not seqs:
             return StepResult([], [])
-        return self._to_host(self.sampler(logits, self.sampling_tensors(seqs)), seqs)
-
-    def _to_host(self, out: SamplerOutput, seqs: list[Sequence]) -> StepResult:
+        out = self.sampler(logits, self.sampling_tensors(seqs))
         self._await_workers()
+        return self._results(out, seqs)
+
+    @staticmethod
+    def _results(out: SamplerOutput, seqs: list[Sequence]) -> StepResult:
+        """Host lists of a sampler output (device tensors are read with one sync)."""
         if out.logprobs is None:
             return StepResult(out.token_ids.tolist(), [None] * len(seqs))  # the step's one host sync
         token_ids = out.token_ids.tolist()

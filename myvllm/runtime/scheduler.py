@@ -12,6 +12,12 @@ Per step, under a token budget (max_num_batched_tokens) and a sequence cap
      prompt chunked to the remaining budget, while blocks and budget last.
   3. a decode-only batch with nothing waiting may run several passes (up to
      num_scheduler_steps) if every sequence gets the blocks for them.
+
+A decode window's tokens may still be in flight when the next schedule is made
+(the engine schedules ahead, see runtime/engine.py): advance_window() counts them
+at launch, receive_tokens() fills them in later. A sequence whose tokens in flight
+already bring it to max_tokens or max_model_len is not scheduled again; it finishes
+when they arrive.
 Running sequences are kept in arrival order, so the oldest request is the last to
 be preempted and no request waits forever.
 """
@@ -42,6 +48,11 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    @property
+    def limits(self) -> list[int]:
+        """Per seq: decode passes whose token it keeps (1 each for a single pass)."""
+        return self.step_limits if self.step_limits is not None else [1] * len(self.seqs)
 
     def samples(self, i: int) -> bool:
         """Whether seq i's chunk reaches the end of its tokens (so it samples one)."""
@@ -92,19 +103,24 @@ class Scheduler:
         yield from self.waiting
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark seq finished and release its blocks (it may be running or waiting)."""
+        """Mark seq finished and release its blocks (it may be running or waiting). Tokens
+        still in flight are dropped; the window that computes them writes only to blocks
+        freed here, and whatever reuses them runs after it on the device."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        seq.num_inflight_tokens = 0
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
     def preempt(self, seq: Sequence) -> None:
-        """Free seq's blocks and put it back at the front of the queue (recomputed later)."""
+        """Free seq's blocks and put it back at the front of the queue (recomputed later).
+        Its tokens in flight are dropped: it is recomputed from the tokens the host holds."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        seq.num_inflight_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -135,7 +151,8 @@ class Scheduler:
             scheduled_ids.add(seq.seq_id)
             budget -= n
 
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1
+                   and not (s.num_inflight_tokens and self.reached_length_limit(s))]
         prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
         for seq in decodes + prefills:
             if budget == 0 or len(scheduled) == self.max_num_seqs:
@@ -174,6 +191,12 @@ class Scheduler:
         if decode_only and self.num_scheduler_steps > 1 and not self.waiting:
             self._plan_multi_step(batch)
         return batch
+
+    def reached_length_limit(self, seq: Sequence) -> bool:
+        """Whether seq's tokens (those in flight included) reach its max_tokens or max_model_len."""
+        p = seq.params
+        return ((p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
+                or (self.max_model_len is not None and len(seq) >= self.max_model_len))
 
     def _plan_multi_step(self, batch: ScheduledBatch) -> None:
         """Let a decode-only batch run several passes if every sequence can get the blocks.
@@ -223,11 +246,19 @@ class Scheduler:
                 got_token.append(seq)
         return got_token
 
-    def append_tokens(self, seq: Sequence, tokens: list[int]) -> None:
-        """The tokens of consecutive decode passes of a running seq: each pass computed the K/V
-        of the token before it and sampled the next."""
-        seq.num_computed_tokens += len(tokens)
+    def advance_window(self, batch: ScheduledBatch) -> None:
+        """A decode-only batch was launched: each pass of seq i computes the K/V of the token
+        before it and samples the next, for its first step_limits[i] passes. Count those
+        tokens as computed and in flight until receive_tokens() brings their values."""
+        for seq, n in zip(batch.seqs, batch.limits):
+            seq.num_computed_tokens += n
+            seq.num_inflight_tokens += n
+
+    def receive_tokens(self, seq: Sequence, tokens: list[int]) -> None:
+        """The values of a running seq's oldest tokens in flight."""
+        assert len(tokens) <= seq.num_inflight_tokens, f"{seq}: {len(tokens)} tokens for {seq.num_inflight_tokens}"
         seq.token_ids.extend(tokens)
+        seq.num_inflight_tokens -= len(tokens)
         self.block_manager.cache_full_blocks(seq)
 
     def check_integrity(self) -> None:

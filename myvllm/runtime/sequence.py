@@ -3,10 +3,13 @@
 A request with n > 1 becomes n sequences that share the request id.
 
 Token accounting:
-    token_ids = prompt + generated tokens
+    token_ids = prompt + generated tokens the host has received
+    num_inflight_tokens = tokens sampled by a decode window that is still running (or
+    not yet read back); they follow token_ids, and only the device knows their values
+    len(seq) = len(token_ids) + num_inflight_tokens: what the scheduler plans with
     num_computed_tokens = leading tokens whose K/V are in the cache (prefix-cache
-    hits included). The next step computes token_ids[num_computed_tokens:...].
-    A sequence samples a token in a step whose chunk reaches the end of token_ids.
+    hits included). The next step computes tokens num_computed_tokens...
+    A sequence samples a token in a step whose chunk reaches the end of its tokens.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
+        self.num_inflight_tokens = 0
         self.num_hashed_blocks = 0  # leading blocks of block_table already offered to the cache
         self.block_hashes: list[bytes] = []  # chain hashes of leading full blocks of token_ids
         self.num_cached_prompt_tokens = 0  # prefix-cache hit at first admission
@@ -68,7 +72,7 @@ class Sequence:
         self.output_text: str | None = None
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_inflight_tokens
 
     def __repr__(self) -> str:
         return (
@@ -82,11 +86,17 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens, those still in flight included."""
+        return len(self) - self.num_prompt_tokens
+
+    @property
+    def num_received_output_tokens(self) -> int:
+        """Generated tokens the host holds."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self) - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -94,6 +104,7 @@ class Sequence:
 
     @property
     def last_token_id(self) -> int:
+        """The last token the host holds."""
         return self.token_ids[-1]
 
     def append_token(self, token_id: int) -> None:

@@ -20,7 +20,7 @@ class StopChecker:
         """(finish_reason, stop_reason) if seq must stop after its last token, else None."""
         p = seq.params
         token = seq.last_token_id
-        num_out = seq.num_output_tokens
+        num_out = seq.num_received_output_tokens  # tokens still in flight come after this one
         if num_out >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 return "stop", None
@@ -32,7 +32,7 @@ class StopChecker:
                     return "stop", hit
         if p.max_tokens is not None and num_out >= p.max_tokens:
             return "length", None
-        if len(seq) >= self.max_model_len:
+        if len(seq.token_ids) >= self.max_model_len:
             return "length", None
         return None
 
