@@ -172,3 +172,36 @@ def test_fused_sampling_greedy_rows_masks_and_seeds():
     assert again.tolist() == [out[4].item(), out[1].item()]
     # bf16 logits are read directly
     assert gumbel_sample(logits.to(torch.bfloat16)[:1], temps[:1], seeds[:1]).item() == logits[0].argmax().item()
+
+
+@needs_triton
+def test_fused_sampling_across_vocab_chunks(monkeypatch):
+    """A vocabulary of several stage-1 chunks: the argmax may sit in any chunk, the last one
+    partial; equal maxima in two chunks give the lower index; draws follow softmax.
+    (Small chunks off CUDA, where the interpreter runs every program.)"""
+    from myvllm.kernels import triton_sampling
+    from myvllm.kernels.triton_sampling import gumbel_sample
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(triton_sampling, "CHUNK", 64)
+    CHUNK = triton_sampling.CHUNK
+    vocab = 3 * CHUNK + CHUNK // 3
+    logits = torch.full((4, vocab), -5.0)
+    for row, (pos, val) in enumerate([(5, 9.0), (CHUNK + 7, 9.0), (vocab - 1, 9.0), (2 * CHUNK + 3, 9.0)]):
+        logits[row, pos] = val
+    logits[3, CHUNK + 1] = 9.0  # tie with a later chunk: the lower index wins
+    greedy = gumbel_sample(logits.to(DEVICE), torch.zeros(4, device=DEVICE),
+                           torch.arange(4, dtype=torch.int64, device=DEVICE))
+    assert greedy.tolist() == [5, CHUNK + 7, vocab - 1, CHUNK + 1]
+    # sampled: the mass sits on four tokens spread over the chunks
+    n, temperature = 300, 1.0
+    picks = torch.tensor([3, CHUNK + 5, 2 * CHUNK + 9, vocab - 2])
+    row = torch.full((vocab,), float("-inf"))
+    row[picks] = torch.tensor([1.0, 0.0, 0.5, -0.5])
+    draws = gumbel_sample(row.expand(n, -1).contiguous().to(DEVICE), torch.full((n,), temperature, device=DEVICE),
+                          torch.arange(n, dtype=torch.int64, device=DEVICE) * 104729 + 3).cpu()
+    assert set(draws.tolist()) <= set(picks.tolist())
+    counts = torch.stack([(draws == p).sum() for p in picks]).double()
+    expected = torch.softmax(row[picks].double(), -1) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.27, f"chi-square {chi2:.2f} over the 0.1% critical value for 3 degrees of freedom"

@@ -14,6 +14,7 @@ past a sequence's end exit at once). On an H100 with context lengths spread over
 B=128: 90.6% vs 87.7%, B=256: 91.5% vs 94.4%), so the engine uses equal shares.
 
 Stage 2, grid `(B, H)`: merges the splits of one head by their log-sum-exp into out.
+With one split (large batches) stage 1 writes out itself and stage 2 is not launched.
 
 The launch reads no device data on the host and its grid depends only on B and
 num_splits, so it can be captured in a CUDA graph and replayed with new seq_lens and
@@ -41,9 +42,12 @@ def _decode_split_kernel(
     block_tables_ptr,  # [B, max_blocks] int32
     partial_out_ptr,  # [B_max, H, S_max, D] float32
     partial_lse_ptr,  # [B_max, H, S_max] float32
+    out_ptr,  # [B, H, D]: written directly when NUM_SPLITS == 1
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
+    stride_ob,
+    stride_oh,
     stride_cache_block,
     stride_cache_token,
     stride_cache_head,
@@ -109,6 +113,13 @@ def _decode_split_kernel(
     # An empty split writes only lse = -inf (the merge then reads nothing else of it).
     nonempty = l_i > 0.0
     acc = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:  # the whole context in one program: no merge (an empty one gives zeros)
+        tl.store(
+            out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=group_mask[:, None],
+        )
+        return
     lse = (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453  # ln(2): natural-log lse
     lse = tl.where(nonempty, lse, float("-inf"))
     seq64 = seq.to(tl.int64)
@@ -265,9 +276,12 @@ def decode_attention(
         block_tables,
         partial_out,
         partial_lse,
+        out,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
+        out.stride(0),
+        out.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -288,6 +302,8 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits == 1:
+        return out
     _decode_merge_kernel[(batch, num_heads)](
         partial_out,
         partial_lse,
