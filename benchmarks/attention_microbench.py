@@ -26,6 +26,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from myvllm.capture.capture_util import capture  # noqa: E402
 from myvllm.kernels.triton_decode_attention import (
     allocate_decode_workspace,
     decode_attention,
@@ -48,16 +49,7 @@ def bench(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
 
 def bench_graph(fn, calls: int) -> float:
     """Median milliseconds of one fn() call, replayed from a CUDA graph of `calls` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return bench(graph.replay) / calls
+    return bench(capture(fn, calls).replay) / calls
 
 
 def decode_case(

@@ -97,6 +97,9 @@ def main() -> None:
             prof.__exit__(None, None, None)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
+    if prof is not None and steps < args.skip_steps + args.profile_steps:  # the run ended inside the window
+        window = time.perf_counter() - window_start
+        prof.__exit__(None, None, None)
     out_tokens = sum(p.max_tokens for p in params)
 
     print(f"whole run: {total:.2f} s, {steps} engine steps, {out_tokens / total:.0f} output tok/s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from myvllm.capture.capture_util import capture
 from myvllm.kernels import reference
 from myvllm.kernels.triton_decode_attention import (
     allocate_decode_workspace,
@@ -265,14 +266,7 @@ def test_decode_cuda_graph_replay_gpu():
             q, k_cache, v_cache, out, seq_lens, block_tables, scale, partial_out, partial_lse, num_splits
         )
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step)
 
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
     for trial in range(3):
@@ -290,3 +284,23 @@ def test_decode_cuda_graph_replay_gpu():
         assert not out.isnan().any()
         err = rel_err(out, ref)
         assert err < TOL, (trial, err)
+
+
+@pytest.mark.parametrize("n, k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (5000, 4000)])
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_skinny_gemm_gpu(m, n, k):
+    """The decode projections' shapes (and a ragged one), bf16, replayed from a CUDA graph with
+    new inputs, against a float32 product of the same bf16 values."""
+    from myvllm.kernels.triton_skinny_gemm import skinny_linear
+
+    gen = torch.Generator(device=DEVICE).manual_seed(m + n + k)
+    x = torch.empty(m, k, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(n, k, generator=gen, device=DEVICE).to(torch.bfloat16)
+    out = {}
+    graph = capture(lambda: out.__setitem__("y", skinny_linear(x, w)))
+    for _ in range(2):
+        x.copy_(torch.randn(m, k, generator=gen, device=DEVICE))
+        graph.replay()
+        ref = x.float() @ w.float().T
+        err = ((out["y"].float() - ref).norm() / ref.norm()).item()
+        assert err < 5e-3, err

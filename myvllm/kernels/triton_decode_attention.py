@@ -1,6 +1,6 @@
 """Split-KV paged attention for decode steps (one new token per sequence), in Triton.
 
-Stage 1, grid `(B, Hkv, num_splits)`: a program takes all query heads of one KV head
+Stage 1, grid `(Hkv, B, num_splits)`: a program takes all query heads of one KV head
 (the GQA group, padded to at least 16 rows so that tl.dot applies) and one contiguous
 slice of its sequence's context: ceil(seq_len / num_splits) tokens rounded up to the
 KV tile, and at least min_split_len tokens. It walks that slice through the block
@@ -66,8 +66,8 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)  # the KV heads of one token are adjacent in the cache: their
+    seq = tl.program_id(1)  # programs run side by side and read neighbouring memory
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -268,7 +268,7 @@ def decode_attention(
     group = num_heads // num_kv_heads
     block_n, num_warps, num_stages = decode_config(head_dim)
     min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q,
         k_cache,
         v_cache,

@@ -28,6 +28,7 @@ from myvllm.attention.selector import create_backend
 from myvllm.config import EngineConfig, ModelConfig
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
 from myvllm.kernels.fused_ops import FusedOps
+from myvllm.layers.linear import LinearBase
 from myvllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.qwen3_opt import Qwen3ForCausalLM
@@ -104,6 +105,8 @@ class ModelRunner:
         else:
             load_checkpoint(self.model, checkpoint_path, model_config.tie_word_embeddings)
         self.model.eval()
+        if self.device.type == "cuda" and config.use_skinny_gemm and self.dtype in (torch.bfloat16, torch.float16):
+            self._use_skinny_gemm()
         self.tp.barrier()  # every rank loaded (a rank that failed is seen here, before any device collective)
         logger.info("model built and loaded in %.2f s (%s, %s)", time.perf_counter() - start, self.dtype, self.device)
         self.sampler = Sampler()
@@ -120,6 +123,13 @@ class ModelRunner:
 
             self.graph_runner = GraphRunner(self, config)
             self.graph_runner.capture_all()
+
+    def _use_skinny_gemm(self) -> None:
+        from myvllm.kernels.triton_skinny_gemm import MAX_ROWS, skinny_linear
+
+        for module in self.model.modules():
+            if isinstance(module, LinearBase):
+                module.small_batch_gemm, module.small_batch_rows = skinny_linear, MAX_ROWS
 
     # ---- KV cache ------------------------------------------------------------------------------
 
