@@ -100,18 +100,23 @@ def decode_case(
     }
 
 
-def decode_mixed_case(batch: int, policy: str, max_model_len: int = 4096, block_size: int = 256) -> dict:
+def decode_mixed_case(batch: int, policy: str, max_model_len: int = 4096, block_size: int = 256,
+                      config: tuple[int, int, int] | None = None, cache_gib: float = 0.0) -> dict:
     """Time decode_attention with context lengths drawn uniformly from [100, 2048] (as in the
     middle of bench.py's run), under the split policy 'even' (default_num_splits, splits of
-    equal share) or 'fixed' (split_policy: pieces of a fixed minimum length)."""
+    equal share) or 'fixed' (split_policy: pieces of a fixed minimum length). config overrides
+    the kernel's (BLOCK_N, warps, stages); cache_gib spreads the blocks over K and V caches of
+    that many GiB each (as the engine's cache fills most of the card)."""
     gen = torch.Generator().manual_seed(batch)
     lens = torch.randint(100, 2049, (batch,), generator=gen)
     blocks_per_seq = triton.cdiv(int(lens.max()), block_size)
-    num_blocks = batch * blocks_per_seq
+    block_bytes = block_size * NUM_KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
+    num_blocks = max(batch * blocks_per_seq, int(cache_gib * (1 << 30)) // block_bytes)
     shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-    table = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
+    k_cache = torch.empty(shape, device="cuda", dtype=DTYPE).normal_()
+    v_cache = torch.empty(shape, device="cuda", dtype=DTYPE).normal_()
+    table = torch.randperm(num_blocks, device="cuda")[:batch * blocks_per_seq].to(torch.int32)
+    table = table.view(batch, blocks_per_seq)
     seq_lens = lens.to(torch.int32).cuda()
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     out = torch.empty_like(q)
@@ -124,12 +129,13 @@ def decode_mixed_case(batch: int, policy: str, max_model_len: int = 4096, block_
 
     def run() -> None:
         decode_attention(q, k_cache, v_cache, out, seq_lens, table, HEAD_DIM**-0.5, partial_out, partial_lse,
-                         num_splits, min_len)
+                         num_splits, min_len, config)
 
     ms = bench_graph(run, 32)
     kv_bytes = 2 * int(lens.sum()) * NUM_KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
     gbps = kv_bytes / (ms * 1e-3) / 1e9
     return {"kernel": "decode-mixed", "policy": policy, "batch": batch, "num_splits": num_splits,
+            "config": config, "cache_gib": cache_gib,
             "min_split_len": min_len, "ms": ms, "kv_GBps": gbps, "frac_of_peak": gbps * 1e9 / PEAK_BYTES_PER_S}
 
 
@@ -176,6 +182,9 @@ def main() -> None:
     parser.add_argument("--json", default="", help="write all results to this path")
     parser.add_argument("--mixed", action="store_true",
                         help="only decode with mixed context lengths, both split policies")
+    parser.add_argument("--decode-configs", default="",
+                        help="with --mixed: ';'-separated BLOCK_N,warps,stages to compare (even splits only)")
+    parser.add_argument("--cache-gib", default="0", help="with --mixed: comma list of K/V cache sizes in GiB")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
 
@@ -188,13 +197,18 @@ def main() -> None:
 
     results = []
     if args.mixed:
-        for batch in batches:
-            for policy in ("even", "fixed"):
-                r = decode_mixed_case(batch, policy)
-                results.append(r)
-                print(f"decode-mixed B={batch:4d} policy={policy:5s} splits={r['num_splits']:2d} "
-                      f"min_len={r['min_split_len']:3d}: {r['ms'] * 1e3:8.1f} us {r['kv_GBps']:7.0f} GB/s "
-                      f"({100 * r['frac_of_peak']:5.1f}%)", flush=True)
+        configs = [tuple(int(v) for v in c.split(",")) for c in args.decode_configs.split(";") if c]
+        cases = [("even", c) for c in configs] if configs else [("even", None), ("fixed", None)]
+        for cache_gib in (float(c) for c in args.cache_gib.split(",")):
+            for batch in batches:
+                for policy, config in cases:
+                    r = decode_mixed_case(batch, policy, config=config, cache_gib=cache_gib)
+                    results.append(r)
+                    torch.cuda.empty_cache()
+                    print(f"decode-mixed B={batch:4d} policy={policy:5s} splits={r['num_splits']:2d} "
+                          f"min_len={r['min_split_len']:3d} config={config} cache={cache_gib:g} GiB: "
+                          f"{r['ms'] * 1e3:8.1f} us {r['kv_GBps']:7.0f} GB/s ({100 * r['frac_of_peak']:5.1f}%)",
+                          flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)

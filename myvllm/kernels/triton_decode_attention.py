@@ -241,6 +241,7 @@ def decode_attention(
     partial_lse: torch.Tensor,
     num_splits: int,
     min_split_len: int = 0,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV; writes and returns out `[B, H, D]`.
 
@@ -248,7 +249,8 @@ def decode_attention(
     seq_lens `[B]` int32 (including the new token); block_tables `[B, max_blocks]` int32;
     partial_out `[B_max, H, S_max, D]` / partial_lse `[B_max, H, S_max]` float32 workspace
     with B_max >= B and S_max >= num_splits. min_split_len (rounded up to the KV tile) is
-    the fewest tokens a non-empty split covers.
+    the fewest tokens a non-empty split covers. config (BLOCK_N, num_warps, num_stages)
+    overrides decode_config (for measurements).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -266,7 +268,7 @@ def decode_attention(
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    block_n, num_warps, num_stages = decode_config(head_dim)
+    block_n, num_warps, num_stages = config or decode_config(head_dim)
     min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q,
