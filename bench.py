@@ -81,8 +81,6 @@ def main() -> None:
     parser.add_argument("--num-scheduler-steps", type=int, default=8, help="decode passes per schedule")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="read every decode window back before scheduling the next")
-    parser.add_argument("--no-skinny-gemm", action="store_true",
-                        help="cuBLAS for the projections at every batch size")
     parser.add_argument("--latency", action="store_true", help="also single-stream latency and prefill throughput")
     parser.add_argument("--json", default=None, help="write a JSON record here")
     args = parser.parse_args()
@@ -90,7 +88,7 @@ def main() -> None:
     engine_args = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                        kvcache_block_size=args.block_size, attention_backend=args.attention_backend,
                        num_scheduler_steps=args.num_scheduler_steps,
-                       async_scheduling=not args.no_async_scheduling, use_skinny_gemm=not args.no_skinny_gemm)
+                       async_scheduling=not args.no_async_scheduling)
     if args.dummy:
         model = "dummy:qwen3-0.6b"
         engine_args.update(load_format="dummy", skip_tokenizer_init=True)

@@ -124,8 +124,6 @@ class EngineConfig:
     max_logprobs: int = 20
     # Fused CUDA kernels built with nvcc at first use; off falls back to torch ops.
     use_cuda_kernels: bool = True
-    # Decode projections at batch <= 16 through a Triton matrix-vector kernel (bf16/fp16 on CUDA).
-    use_skinny_gemm: bool = True
     revision: str | None = None
     download_dir: str | None = None
 
@@ -151,7 +149,7 @@ class EngineConfig:
                 f"[{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
             )
         for name in ("enable_prefix_caching", "enforce_eager", "skip_tokenizer_init", "use_cuda_kernels",
-                     "async_scheduling", "use_skinny_gemm"):
+                     "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_choice("load_format", self.load_format, LOAD_FORMATS)

@@ -1,4 +1,4 @@
-"""Triton attention kernels (and the skinny GEMM) against torch references, small shapes.
+"""Triton attention kernels against the torch reference, small shapes.
 
 Without a GPU these run through Triton's interpreter (tests/conftest.py sets it up),
 so shapes stay tiny. Every output is poisoned with NaN first so that an element the
@@ -301,16 +301,12 @@ def test_decode_min_split_len_matches_reference():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("m, n, k", [(1, 96, 200), (5, 130, 256), (16, 64, 96)])
-def test_skinny_gemm(m, n, k):
-    """Ragged N and K tails, 1..16 rows: equal to a float32 product of the same half inputs."""
-    from myvllm.kernels.triton_skinny_gemm import SkinnyConfig, skinny_linear
 
-    gen = torch.Generator().manual_seed(m * 1000 + n)
-    x = torch.randn(m, k, generator=gen).to(torch.float16).to(DEVICE)
-    w = torch.randn(n, k, generator=gen).to(torch.float16).to(DEVICE)
-    ref = x.float() @ w.float().T
-    for config in (SkinnyConfig(block_n=32, block_k=64, num_stages=2), None):
-        got = skinny_linear(x, w, config)
-        assert got.dtype == torch.float16 and got.shape == (m, n)
-        assert rel_err(got.float(), ref) < 2e-3
+def test_decode_large_batch_tiles():
+    """From LARGE_BATCH sequences on, the kernel walks the context in larger tiles."""
+    from myvllm.kernels.triton_decode_attention import LARGE_BATCH, decode_config
+
+    assert decode_config(128, LARGE_BATCH)[0] > decode_config(128, LARGE_BATCH - 1)[0]
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = torch.randint(0, 300, (LARGE_BATCH + 2,), generator=gen).tolist()
+    run_decode(seq_lens, 16, 2, 1, 128, 1, torch.float32, 700)

@@ -48,10 +48,6 @@ class LinearBase(nn.Module):
         self.tp_dim = tp_dim  # which weight dim is split over ranks (None: replicated)
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
-        # (x, weight) -> x @ weight^T for inputs of at most small_batch_rows rows (decode at
-        # small batch), set by the model runner where it measures faster than F.linear.
-        self.small_batch_gemm = None
-        self.small_batch_rows = 0
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         if self.tp_dim is not None and self.tp.size > 1:
@@ -59,14 +55,8 @@ class LinearBase(nn.Module):
             loaded = _shard(loaded, self.tp_dim, size * self.tp.size, self.tp.rank, size)
         _copy_checked(param, loaded)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small_batch_gemm is not None and x.dim() == 2 and x.shape[0] <= self.small_batch_rows \
-                and x.stride(1) == 1:
-            return self.small_batch_gemm(x, self.weight)
-        return F.linear(x, self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
+        return F.linear(x, self.weight)
 
 
 class ReplicatedLinear(LinearBase):
@@ -138,4 +128,4 @@ class RowParallelLinear(LinearBase):
         super().__init__(input_size // tp.size, output_size, tp, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.matmul(x))
+        return self.tp.all_reduce(F.linear(x, self.weight))

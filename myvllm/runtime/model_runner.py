@@ -28,7 +28,6 @@ from myvllm.attention.selector import create_backend
 from myvllm.config import EngineConfig, ModelConfig
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
 from myvllm.kernels.fused_ops import FusedOps
-from myvllm.layers.linear import LinearBase
 from myvllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.qwen3_opt import Qwen3ForCausalLM
@@ -105,8 +104,6 @@ class ModelRunner:
         else:
             load_checkpoint(self.model, checkpoint_path, model_config.tie_word_embeddings)
         self.model.eval()
-        if self.device.type == "cuda" and config.use_skinny_gemm and self.dtype in (torch.bfloat16, torch.float16):
-            self._use_skinny_gemm()
         self.tp.barrier()  # every rank loaded (a rank that failed is seen here, before any device collective)
         logger.info("model built and loaded in %.2f s (%s, %s)", time.perf_counter() - start, self.dtype, self.device)
         self.sampler = Sampler()
@@ -123,13 +120,6 @@ class ModelRunner:
 
             self.graph_runner = GraphRunner(self, config)
             self.graph_runner.capture_all()
-
-    def _use_skinny_gemm(self) -> None:
-        from myvllm.kernels.triton_skinny_gemm import MAX_ROWS, skinny_linear
-
-        for module in self.model.modules():
-            if isinstance(module, LinearBase):
-                module.small_batch_gemm, module.small_batch_rows = skinny_linear, MAX_ROWS
 
     # ---- KV cache ------------------------------------------------------------------------------
 
@@ -182,7 +172,7 @@ class ModelRunner:
         return peak
 
     # Batch sizes at which the decode kernel's split count changes (compiled once each).
-    WARMUP_DECODE_BATCHES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65)
+    WARMUP_DECODE_BATCHES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128)
     # Query lengths that select each prefill kernel tile configuration.
     WARMUP_PREFILL_LENS = (8, 256)
 
