@@ -203,6 +203,41 @@ def test_qk_norm_rope_head_dim_256_and_empty(ops: FusedOps, dtype: torch.dtype) 
     assert q_out.shape == (0, 4, 256) and k_out.shape == (0, 2, 256)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: "H{}-Hkv{}-D{}".format(*h))
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+def test_qk_norm_rope_store(ops: FusedOps, num_tokens: int, heads: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """The fused op gives qk_norm_rope's outputs and writes K (normalised, rotated) and V into
+    the caches at the slots, skipping slot -1, leaving every other slot untouched."""
+    num_heads, num_kv_heads, head_dim = heads
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    qkv = (4 * torch.randn(num_tokens, width, device="cuda")).to(dtype)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1))
+    q_weight, k_weight = norm_weight(head_dim, dtype), norm_weight(head_dim, dtype)
+    cache, positions = make_cache(head_dim, torch.float32), make_positions(num_tokens)
+    num_blocks, block_size = 2 + num_tokens // 16, 16
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    slots[::3] = -1
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype,
+                         device="cuda") for _ in range(4)]
+    q_out, k_out = ops.qk_norm_rope_store(q, k, v, q_weight, k_weight, EPS, positions, cache, caches[0],
+                                          caches[1], slots)
+    q_ref, k_ref = reference.qk_norm_rope_store(q, k, v, q_weight, k_weight, EPS, positions, cache, caches[2],
+                                                caches[3], slots)
+    assert_matches(q_out, q_ref)
+    assert_matches(k_out, k_ref)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device="cuda")
+    written[slots[slots >= 0]] = True
+    for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        ours, ref = ours.view(-1, num_kv_heads, head_dim), ref.view(-1, num_kv_heads, head_dim)
+        assert ours[~written].isnan().all(), "a slot that was not asked for was written"
+        assert_matches(ours[written].contiguous(), ref[written].contiguous())
+    torch.library.opcheck(torch.ops.myvllm.qk_norm_rope_store.default,
+                          (q, k, v, q_weight, k_weight, EPS, positions, cache, caches[0], caches[1], slots))
+
+
 # --------------------------------------------------------------------------- activation
 
 

@@ -54,8 +54,10 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [T, H, D]
-        ...
+        """Store k and v into the caches at meta.slot_mapping (unless kv_stored: the caller
+        already has), then attend over the caches."""
 
     def init_graph_buffers(self, max_batch_size: int) -> None:
         """Allocate whatever static state decode graphs of up to this batch size need."""

@@ -33,17 +33,20 @@ class FusedOps:
         self._rms_norm: Callable[[Tensor, Tensor, float], Tensor]
         self._fused_add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
         self._qk_norm_rope: Callable[..., tuple[Tensor, Tensor]]
+        self._qk_norm_rope_store: Callable[..., tuple[Tensor, Tensor]]
         self._silu_and_mul: Callable[[Tensor], Tensor]
         if self.uses_cuda_kernels:
             ops = torch.ops.myvllm
             self._rms_norm = ops.rms_norm.default
             self._fused_add_rms_norm = ops.fused_add_rms_norm.default
             self._qk_norm_rope = ops.qk_norm_rope.default
+            self._qk_norm_rope_store = ops.qk_norm_rope_store.default
             self._silu_and_mul = ops.silu_and_mul.default
         else:
             self._rms_norm = reference.rms_norm
             self._fused_add_rms_norm = reference.fused_add_rms_norm
             self._qk_norm_rope = reference.qk_norm_rope
+            self._qk_norm_rope_store = reference.qk_norm_rope_store
             self._silu_and_mul = reference.silu_and_mul
 
     def __repr__(self) -> str:
@@ -72,6 +75,25 @@ class FusedOps:
     ) -> tuple[Tensor, Tensor]:
         """Per-head RMSNorm then neox rotary of q [T, H, D] and k [T, Hkv, D] at positions [T]."""
         return self._qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)
+
+    def qk_norm_rope_store(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_weight: Tensor,
+        k_weight: Tensor,
+        eps: float,
+        positions: Tensor,
+        cos_sin_cache: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        slot_mapping: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """qk_norm_rope, and the step's K (normalised, rotated) and V written into the paged caches
+        [num_blocks, block_size, Hkv, D] at slot_mapping [T] (slot -1: nothing)."""
+        return self._qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, k_cache,
+                                        v_cache, slot_mapping)
 
     def silu_and_mul(self, x: Tensor) -> Tensor:
         """x [..., 2I] -> silu(x[..., :I]) * x[..., I:]."""

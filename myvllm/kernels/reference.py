@@ -150,3 +150,22 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
     return out
+
+
+def qk_norm_rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk_norm_rope, then the normalised, rotated k and v stored into the caches at slot_mapping."""
+    q_out, k_out = qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)
+    store_kvcache(k_out, v, k_cache, v_cache, slot_mapping)
+    return q_out, k_out

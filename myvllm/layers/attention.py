@@ -25,6 +25,7 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]."""
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                kv_stored: bool = False) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]. kv_stored: k and v are in the cache already."""
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored)

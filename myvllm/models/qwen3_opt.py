@@ -50,9 +50,15 @@ class Qwen3Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # strided views of qkv
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.eps, positions,
-                                     self.rotary.cos_sin_cache)
-        out = self.attn(q, k, v, meta)  # [T, H, D]
+        if self.ops.uses_cuda_kernels:  # one kernel also writes K and V into the paged cache
+            q, k = self.ops.qk_norm_rope_store(q, k, v, self.q_norm.weight, self.k_norm.weight, self.eps,
+                                               positions, self.rotary.cos_sin_cache, self.attn.k_cache,
+                                               self.attn.v_cache, meta.slot_mapping)
+            out = self.attn(q, k, v, meta, kv_stored=True)  # [T, H, D]
+        else:
+            q, k = self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.eps, positions,
+                                         self.rotary.cos_sin_cache)
+            out = self.attn(q, k, v, meta)  # [T, H, D]
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 

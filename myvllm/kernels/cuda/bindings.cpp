@@ -1,6 +1,7 @@
 // Registers the CUDA kernels as torch custom ops in the `myvllm` namespace, so that
-// torch.compile and CUDA graph capture see ordinary dispatcher ops. All ops are functional
-// (out of place, no aliasing); the fake (meta) versions live in build.py.
+// torch.compile and CUDA graph capture see ordinary dispatcher ops. All ops return new
+// tensors; qk_norm_rope_store also mutates the caches it is given (declared in its schema).
+// The fake (meta) versions live in build.py.
 //
 // TORCH_LIBRARY may define a namespace only once per process, so this library owns
 // `myvllm`: other code adding ops to it must use TORCH_LIBRARY_FRAGMENT, or
@@ -21,6 +22,11 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::T
                                                 const at::Tensor& k_weight, double eps,
                                                 const at::Tensor& positions,
                                                 const at::Tensor& cos_sin_cache);
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_store(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_weight,
+    const at::Tensor& k_weight, double eps, const at::Tensor& positions,
+    const at::Tensor& cos_sin_cache, at::Tensor& k_cache, at::Tensor& v_cache,
+    const at::Tensor& slot_mapping);
 at::Tensor silu_and_mul(const at::Tensor& x);
 }  // namespace myvllm
 
@@ -35,6 +41,11 @@ TORCH_LIBRARY(myvllm, m) {
       "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, "
       "Tensor positions, Tensor cos_sin_cache) -> (Tensor, Tensor)",
       tags);
+  m.def(
+      "qk_norm_rope_store(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, "
+      "float eps, Tensor positions, Tensor cos_sin_cache, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)",
+      tags);
   m.def("silu_and_mul(Tensor x) -> Tensor", tags);
 }
 
@@ -42,5 +53,6 @@ TORCH_LIBRARY_IMPL(myvllm, CUDA, m) {
   m.impl("rms_norm", &myvllm::rms_norm);
   m.impl("fused_add_rms_norm", &myvllm::fused_add_rms_norm);
   m.impl("qk_norm_rope", &myvllm::qk_norm_rope);
+  m.impl("qk_norm_rope_store", &myvllm::qk_norm_rope_store);
   m.impl("silu_and_mul", &myvllm::silu_and_mul);
 }

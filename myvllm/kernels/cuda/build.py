@@ -4,14 +4,18 @@
 `torch.utils.cpp_extension.load` into the default torch extensions directory
 (`$TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions`) and loads the library into
 the process, which registers `torch.ops.myvllm.{rms_norm, fused_add_rms_norm, qk_norm_rope,
-silu_and_mul}` for CUDA tensors. The first build takes about a minute; later processes
+qk_norm_rope_store, silu_and_mul}` for CUDA tensors. The first build takes about a minute; later processes
 reuse it (ninja rebuilds only when a source or a flag changes, e.g. on another GPU arch).
 
-Schemas (all out of place, outputs contiguous, in the inputs' dtype):
+Schemas (outputs new and contiguous, in the inputs' dtype; qk_norm_rope_store also writes
+K and V into the caches it is given):
     rms_norm(Tensor x, Tensor weight, float eps) -> Tensor
     fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)
     qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps,
                  Tensor positions, Tensor cos_sin_cache) -> (Tensor, Tensor)
+    qk_norm_rope_store(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, float eps,
+                       Tensor positions, Tensor cos_sin_cache, Tensor(a!) k_cache,
+                       Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)
     silu_and_mul(Tensor x) -> Tensor
 
 Compiler flags: `-O3` and machine code for the present GPU's arch only (one `-gencode`,
@@ -100,6 +104,11 @@ def _register_fakes() -> None:
         positions: torch.Tensor,
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return contiguous_like(q), contiguous_like(k)
+
+    @torch.library.register_fake("myvllm::qk_norm_rope_store")
+    def _qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, k_cache, v_cache,
+                            slot_mapping) -> tuple[torch.Tensor, torch.Tensor]:
         return contiguous_like(q), contiguous_like(k)
 
     @torch.library.register_fake("myvllm::silu_and_mul")

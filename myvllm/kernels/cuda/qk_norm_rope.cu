@@ -5,6 +5,10 @@
 // lane l owns the rotary pairs (j, j + D/2) for j = l, l + 32, ..., so every load and store
 // instruction of the warp touches 32 consecutive elements.
 //
+// qk_norm_rope_store also writes the step's K (normalised and rotated) and V rows into the
+// paged caches [num_blocks, block_size, Hkv, D] at slot_mapping (slot -1: nothing), saving the
+// separate KV-store kernel: the grid gets Hkv more warps per token, which copy V.
+//
 // Numerics follow myvllm/kernels/reference.py: float32 arithmetic, rounded to the input
 // dtype where the reference rounds (normalised x, x * weight, cos/sin cast to the input
 // dtype, each rotary product, the rotary sum). Each step is computed in float32 and rounded
@@ -39,23 +43,43 @@ __device__ __forceinline__ float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
-// T: q/k dtype, C: cos/sin cache dtype (T or float), D: head dim.
-template <typename T, typename C, int D>
+// Where qk_norm_rope_store puts the step's K and V (all null for plain qk_norm_rope).
+template <typename T>
+struct KVStore {
+  const T* v = nullptr;
+  int64_t v_stride_t = 0, v_stride_h = 0;
+  T* k_cache = nullptr;  // [num_blocks, block_size, Hkv, D], contiguous
+  T* v_cache = nullptr;
+  const int64_t* slot_mapping = nullptr;
+};
+
+// T: q/k dtype, C: cos/sin cache dtype (T or float), D: head dim, kStore: also fill the caches.
+template <typename T, typename C, int D, bool kStore>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     qk_norm_rope_kernel(T* __restrict__ q_out, T* __restrict__ k_out, const T* __restrict__ q,
                         const T* __restrict__ k, const T* __restrict__ q_weight,
                         const T* __restrict__ k_weight, const int64_t* __restrict__ positions,
                         const C* __restrict__ cos_sin_cache, int64_t q_stride_t, int64_t q_stride_h,
                         int64_t k_stride_t, int64_t k_stride_h, int64_t num_tokens, int num_heads,
-                        int num_kv_heads, float eps) {
+                        int num_kv_heads, float eps, KVStore<T> store) {
   constexpr int kHalf = D / 2;
   constexpr int kPairs = kHalf / 32;  // rotary pairs per lane
-  const int heads = num_heads + num_kv_heads;
+  const int heads = num_heads + num_kv_heads * (kStore ? 2 : 1);
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (row >= num_tokens * heads) return;  // whole warps exit together: no shuffle hazard
   const int lane = threadIdx.x & 31;
   const int64_t t = row / heads;
   const int h = static_cast<int>(row % heads);
+  const int64_t slot = kStore ? store.slot_mapping[t] : -1;
+  if (kStore && h >= num_heads + num_kv_heads) {  // a V row: copy it into the cache
+    if (slot < 0) return;
+    const int kvh = h - num_heads - num_kv_heads;
+    const T* src = store.v + t * store.v_stride_t + kvh * store.v_stride_h;
+    T* dst = store.v_cache + (slot * num_kv_heads + kvh) * D;
+#pragma unroll
+    for (int j = lane; j < D; j += 32) dst[j] = src[j];
+    return;
+  }
 
   const bool is_q = h < num_heads;
   const T* src = is_q ? q + t * q_stride_t + h * q_stride_h
@@ -88,26 +112,34 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     const int j = lane + 32 * p;
     const float n1 = round_to<T>(w1[p] * round_to<T>(x1[p] * inv_rms));
     const float n2 = round_to<T>(w2[p] * round_to<T>(x2[p] * inv_rms));
-    dst[j] = static_cast<T>(round_to<T>(n1 * c[p]) - round_to<T>(n2 * s[p]));
-    dst[kHalf + j] = static_cast<T>(round_to<T>(n2 * c[p]) + round_to<T>(n1 * s[p]));
+    const T out1 = static_cast<T>(round_to<T>(n1 * c[p]) - round_to<T>(n2 * s[p]));
+    const T out2 = static_cast<T>(round_to<T>(n2 * c[p]) + round_to<T>(n1 * s[p]));
+    dst[j] = out1;
+    dst[kHalf + j] = out2;
+    if (kStore && !is_q && slot >= 0) {
+      T* cached = store.k_cache + (slot * num_kv_heads + (h - num_heads)) * D;
+      cached[j] = out1;
+      cached[kHalf + j] = out2;
+    }
   }
 }
 
-template <typename T, typename C>
+template <typename T, typename C, bool kStore>
 void launch(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at::Tensor& k,
             const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& positions,
-            const at::Tensor& cache, float eps) {
+            const at::Tensor& cache, float eps, KVStore<T> store) {
   const int64_t num_tokens = q.size(0);
   const int num_heads = static_cast<int>(q.size(1)), num_kv_heads = static_cast<int>(k.size(1));
-  const int64_t rows = num_tokens * (num_heads + num_kv_heads);
+  const int64_t rows = num_tokens * (num_heads + num_kv_heads * (kStore ? 2 : 1));
   const auto blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto run = [&](auto d_c) {
-    qk_norm_rope_kernel<T, C, decltype(d_c)::value><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-        q_out.data_ptr<T>(), k_out.data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-        q_weight.const_data_ptr<T>(), k_weight.const_data_ptr<T>(),
-        positions.const_data_ptr<int64_t>(), cache.const_data_ptr<C>(), q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), num_tokens, num_heads, num_kv_heads, eps);
+    qk_norm_rope_kernel<T, C, decltype(d_c)::value, kStore>
+        <<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+            q_out.data_ptr<T>(), k_out.data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
+            q_weight.const_data_ptr<T>(), k_weight.const_data_ptr<T>(),
+            positions.const_data_ptr<int64_t>(), cache.const_data_ptr<C>(), q.stride(0),
+            q.stride(1), k.stride(0), k.stride(1), num_tokens, num_heads, num_kv_heads, eps, store);
   };
   switch (q.size(2)) {
     case 64: run(std::integral_constant<int, 64>{}); break;
@@ -118,13 +150,9 @@ void launch(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at:
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& q_weight,
-                                                const at::Tensor& k_weight, double eps,
-                                                const at::Tensor& positions,
-                                                const at::Tensor& cos_sin_cache) {
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight,
+                  const at::Tensor& k_weight, const at::Tensor& positions,
+                  const at::Tensor& cos_sin_cache) {
   TORCH_CHECK(q.is_cuda(), "qk_norm_rope: q must be a CUDA tensor");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "qk_norm_rope: q and k must be [T, heads, D]");
   const int64_t T = q.size(0), D = q.size(2);
@@ -149,21 +177,79 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::T
               "qk_norm_rope: cos_sin_cache must be float32 or q's dtype");
   for (const at::Tensor* t : {&k, &q_weight, &k_weight, &positions, &cos_sin_cache})
     TORCH_CHECK(t->device() == q.device(), "qk_norm_rope: all tensors must be on q's device");
+}
 
+// v, k_cache, v_cache, slot_mapping: all defined (store) or none.
+std::tuple<at::Tensor, at::Tensor> dispatch(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                       double eps, const at::Tensor& positions,
+                                       const at::Tensor& cos_sin_cache, const at::Tensor* v,
+                                       at::Tensor* k_cache, at::Tensor* v_cache,
+                                       const at::Tensor* slot_mapping) {
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor q_out = at::empty(q.sizes(), q.options());
   at::Tensor k_out = at::empty(k.sizes(), k.options());
-  if (T == 0 || q.size(1) + k.size(1) == 0) return {q_out, k_out};
+  if (q.size(0) == 0 || q.size(1) + k.size(1) == 0) return {q_out, k_out};
   // Positions must lie in [0, max_position); they are not bounds-checked on the device.
   const at::Tensor qw = q_weight.contiguous(), kw = k_weight.contiguous();
   const at::Tensor pos = positions.contiguous(), cache = cos_sin_cache.contiguous();
+  const at::Tensor slots = slot_mapping ? slot_mapping->contiguous() : at::Tensor();
   MYVLLM_DISPATCH_FLOATS(q.scalar_type(), "qk_norm_rope", [&] {
-    if (cache.scalar_type() == at::kFloat)
-      launch<scalar_t, float>(q_out, k_out, q, k, qw, kw, pos, cache, static_cast<float>(eps));
-    else
-      launch<scalar_t, scalar_t>(q_out, k_out, q, k, qw, kw, pos, cache, static_cast<float>(eps));
+    const float e = static_cast<float>(eps);
+    KVStore<scalar_t> store;
+    if (v) {
+      store = {v->const_data_ptr<scalar_t>(), v->stride(0), v->stride(1),
+               k_cache->data_ptr<scalar_t>(), v_cache->data_ptr<scalar_t>(),
+               slots.const_data_ptr<int64_t>()};
+      if (cache.scalar_type() == at::kFloat)
+        launch<scalar_t, float, true>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
+      else
+        launch<scalar_t, scalar_t, true>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
+    } else if (cache.scalar_type() == at::kFloat) {
+      launch<scalar_t, float, false>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
+    } else {
+      launch<scalar_t, scalar_t, false>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
+    }
   });
   return {q_out, k_out};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& q_weight,
+                                                const at::Tensor& k_weight, double eps,
+                                                const at::Tensor& positions,
+                                                const at::Tensor& cos_sin_cache) {
+  check_inputs(q, k, q_weight, k_weight, positions, cos_sin_cache);
+  return dispatch(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, nullptr, nullptr, nullptr,
+             nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_store(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_weight,
+    const at::Tensor& k_weight, double eps, const at::Tensor& positions,
+    const at::Tensor& cos_sin_cache, at::Tensor& k_cache, at::Tensor& v_cache,
+    const at::Tensor& slot_mapping) {
+  check_inputs(q, k, q_weight, k_weight, positions, cos_sin_cache);
+  TORCH_CHECK(v.sizes() == k.sizes() && v.stride(2) == 1 && v.scalar_type() == q.scalar_type(),
+              "qk_norm_rope_store: v must match k's shape and dtype, with unit stride on D");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+              "qk_norm_rope_store: caches must be [num_blocks, block_size, Hkv, D], got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.scalar_type() == q.scalar_type() &&
+                  v_cache.scalar_type() == q.scalar_type(),
+              "qk_norm_rope_store: caches must be contiguous, in q's dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == q.size(0),
+              "qk_norm_rope_store: slot_mapping must be int64 [T]");
+  for (const at::Tensor* t : {&v, &k_cache, &v_cache, &slot_mapping})
+    TORCH_CHECK(t->device() == q.device(), "qk_norm_rope_store: all tensors must be on q's device");
+  // Slots must lie in [-1, num_blocks * block_size); they are not bounds-checked on the device.
+  return dispatch(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, &v, &k_cache, &v_cache,
+             &slot_mapping);
 }
 
 }  // namespace myvllm
