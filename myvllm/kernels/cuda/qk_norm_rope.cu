@@ -24,6 +24,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <tuple>
 #include <type_traits>
 
@@ -245,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_store(
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == q.size(0),
               "qk_norm_rope_store: slot_mapping must be int64 [T]");
-  for (const at::Tensor* t : {&v, &k_cache, &v_cache, &slot_mapping})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&v, &k_cache, &v_cache, &slot_mapping})
     TORCH_CHECK(t->device() == q.device(), "qk_norm_rope_store: all tensors must be on q's device");
   // Slots must lie in [-1, num_blocks * block_size); they are not bounds-checked on the device.
   return dispatch(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, &v, &k_cache, &v_cache,
