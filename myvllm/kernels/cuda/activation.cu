@@ -18,21 +18,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "common.cuh"
+
 namespace myvllm {
 namespace {
 
 constexpr int kThreads = 256;
-
-#define MYVLLM_DISPATCH_FLOATS(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
 
 // grid = (T, chunks of kThreads vectors): a single token still spreads over several SMs.
 template <typename T, int VEC>

@@ -17,43 +17,23 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common.cuh"
+
 namespace myvllm {
 namespace {
 
 constexpr int kMaxThreads = 1024;
 
-// float32, float16 and bfloat16 only (no double: it would just double the build time).
-#define MYVLLM_DISPATCH_FLOATS(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-// Round a float32 value to T and back: the rounding torch applies between two ops in T.
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return static_cast<float>(static_cast<T>(v));
-}
-
-// VEC elements of T moved as one 16-byte (or narrower) memory access.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
 // Sum over the block; blockDim.x is a multiple of 32. Every thread gets the total. One
 // barrier: each warp publishes its partial sum, then every warp reduces all partials itself.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float warp_sums[32];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   const int lane = threadIdx.x & 31;
   if (lane == 0) warp_sums[threadIdx.x >> 5] = v;
   __syncthreads();
   v = lane < static_cast<int>(blockDim.x >> 5) ? warp_sums[lane] : 0.f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+  return warp_sum(v);
 }
 
 // One block per row of n elements. Thread i handles vectors i, i + blockDim, ... (ITEMS of

@@ -28,21 +28,12 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common.cuh"
+
 namespace myvllm {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-
-#define MYVLLM_DISPATCH_FLOATS(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return static_cast<float>(static_cast<T>(v));
-}
 
 // Where qk_norm_rope_store puts the step's K and V (all null for plain qk_norm_rope).
 template <typename T>
@@ -104,8 +95,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     s[p] = round_to<T>(static_cast<float>(cs[kHalf + j]));
     sumsq += x1[p] * x1[p] + x2[p] * x2[p];
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sumsq += __shfl_xor_sync(0xffffffffu, sumsq, o);
+  sumsq = warp_sum(sumsq);
   const float inv_rms = rsqrtf(sumsq / static_cast<float>(D) + eps);
 
 #pragma unroll
