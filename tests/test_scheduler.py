@@ -120,3 +120,51 @@ def test_fifo_admission():
             if s not in admitted:
                 admitted.append(s)
     assert admitted == seqs
+
+
+def test_tokens_in_flight_are_planned_with_and_received_later():
+    """A window's tokens count as in flight at launch: the next schedule plans with them (the
+    window after them, blocks included), a sequence they bring to max_tokens is not scheduled
+    again, and receive_tokens moves them into token_ids and hashes the blocks they fill."""
+    bm = BlockManager(64, 4, True)
+    sched = Scheduler(bm, 8, 32, None, max_model_len=64, num_scheduler_steps=3)
+    short, long = add(sched, 3, 0, max_tokens=4), add(sched, 3, 1, max_tokens=20)
+    prefill = sched.schedule()
+    sched.update(prefill, [5, 6])  # first tokens of both
+    window = sched.schedule()
+    assert window.num_steps == 3 and window.step_limits == [3, 3]
+    sched.advance_window(window)  # launched: 3 tokens each in flight
+    assert (len(short), len(short.token_ids), short.num_inflight_tokens) == (7, 4, 3)
+    assert short.num_output_tokens == 4 and short.num_received_output_tokens == 1
+    ahead = sched.schedule()  # planned before the window's tokens arrive
+    assert ahead.seqs == [long], "short reached max_tokens through tokens in flight"
+    assert ahead.num_computed_tokens == [6] and len(long.block_table) * 4 >= 6 + 3
+    assert long.num_hashed_blocks == 0, "blocks are hashed when their tokens arrive"
+    sched.advance_window(ahead)
+    sched.receive_tokens(long, [11, 12, 13])  # the first window's values arrive
+    assert long.token_ids[-4:] == [6, 11, 12, 13] and long.num_inflight_tokens == 3
+    assert long.num_hashed_blocks == 1  # block 1 (positions 4..7) holds a token still in flight
+    sched.receive_tokens(long, [14, 15, 16])
+    assert long.num_hashed_blocks == 2 and long.num_inflight_tokens == 0
+    sched.receive_tokens(short, [21, 22, 23])
+    assert short.num_received_output_tokens == 4 and short.num_inflight_tokens == 0
+    sched.check_integrity()
+
+
+def test_preemption_and_finish_drop_tokens_in_flight():
+    sched = make(num_blocks=64, block_size=4)
+    a = add(sched, 3, 0, max_tokens=50)
+    sched.update(sched.schedule(), [9])
+    window = sched.schedule()
+    sched.advance_window(window)
+    assert a.num_inflight_tokens == 1
+    sched.preempt(a)
+    assert (a.num_inflight_tokens, len(a), a.block_table) == (0, 4, [])
+    assert a.status is SequenceStatus.WAITING
+    b = add(sched, 2, 1)
+    sched.update(sched.schedule(), [3, 4])  # a recomputes its 4 known tokens, b prefills
+    window = sched.schedule()
+    sched.advance_window(window)
+    sched.finish(b, "abort")
+    assert b.num_inflight_tokens == 0 and not b.block_table
+    sched.check_integrity()
