@@ -244,11 +244,7 @@ class LLMEngine:
         complete the window in flight. A step that raises before launching leaves the engine
         as it was: the window in flight stays so, and nothing is applied twice."""
         prev = self._inflight
-        if prev is not None and not self._can_schedule_ahead():
-            self._inflight = None
-            self._complete(prev, finished, streaming)
-            return
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule() if prev is None or self._can_schedule_ahead() else None
         if batch is None:
             if prev is not None:
                 self._inflight = None

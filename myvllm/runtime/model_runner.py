@@ -52,9 +52,7 @@ class DecodeWindow:
     """A launched decode-only batch whose tokens are on their way to the host."""
 
     batch: ScheduledBatch
-    limits: np.ndarray  # int64 [B]: passes whose token row b keeps
     tokens: torch.Tensor  # [num_steps, B] on the device: the token each pass sampled per row
-    rows: dict[int, int]  # seq_id -> row
     host_tokens: HostCopy  # of tokens
     host_outs: list[HostCopy] | None  # of every pass's SamplerOutput, when a row asks for logprobs
 
@@ -279,8 +277,7 @@ class ModelRunner:
         self._decode_passes(inputs, batch.padded_batch_size, num_steps, limits, sample, first_ids)
         tokens = torch.stack([o.token_ids for o in outs])
         host_outs = [HostCopy(o) for o in outs] if st.num_logprobs is not None else None
-        return DecodeWindow(batch, limits, tokens, {s.seq_id: i for i, s in enumerate(batch.seqs)},
-                            HostCopy(tokens), host_outs)
+        return DecodeWindow(batch, tokens, HostCopy(tokens), host_outs)
 
     def _inflight_input_ids(self, batch: ScheduledBatch,
                             prev: DecodeWindow | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -290,8 +287,10 @@ class ModelRunner:
         if not rows:
             return None
         assert prev is not None, "tokens in flight without the window computing them"
-        prev_rows = np.array([prev.rows[batch.seqs[i].seq_id] for i in rows], dtype=np.int64)
-        flat = (prev.limits[prev_rows] - 1) * prev.tokens.shape[1] + prev_rows
+        prev_row = {s.seq_id: i for i, s in enumerate(prev.batch.seqs)}
+        prev_rows = np.array([prev_row[batch.seqs[i].seq_id] for i in rows], dtype=np.int64)
+        prev_limits = np.asarray(prev.batch.limits, dtype=np.int64)
+        flat = (prev_limits[prev_rows] - 1) * prev.tokens.shape[1] + prev_rows
         index = host_to_device(flat, self.device)
         return host_to_device(np.asarray(rows, dtype=np.int64), self.device), prev.tokens.view(-1)[index]
 
