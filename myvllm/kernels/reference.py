@@ -32,6 +32,23 @@ def fused_add_rms_norm(
     return rms_norm(residual, weight, eps), residual
 
 
+def norm_linear(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, silu: bool = False
+) -> torch.Tensor:
+    """rms_norm(x) @ weight.T [T, N], then silu_and_mul ([T, N/2]) when silu: a norm feeding a projection."""
+    out = F.linear(rms_norm(x, norm_weight, eps), weight)
+    return silu_and_mul(out) if silu else out
+
+
+def add_norm_linear(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+    silu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm_linear(x + residual, ...), x + residual). Out of place."""
+    residual = x + residual
+    return norm_linear(residual, norm_weight, eps, weight, silu), residual
+
+
 def rotary_cos_sin_cache(
     head_dim: int, max_position: int, theta: float, dtype: torch.dtype, device=None
 ) -> torch.Tensor:

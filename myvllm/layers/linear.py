@@ -42,10 +42,13 @@ def _shard(loaded: Loaded, dim: int, full_size: int, rank: int, size: int) -> Lo
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup, tp_dim: int | None) -> None:
+    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup, tp_dim: int | None,
+                 ops=None) -> None:
         super().__init__()
         self.tp = tp
         self.tp_dim = tp_dim  # which weight dim is split over ranks (None: replicated)
+        # kernels.fused_ops.FusedOps.linear (a matrix-vector kernel for few tokens), else F.linear
+        self.matmul = ops.linear if ops is not None else F.linear
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
@@ -56,7 +59,7 @@ class LinearBase(nn.Module):
         _copy_checked(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self.matmul(x, self.weight)
 
 
 class ReplicatedLinear(LinearBase):
@@ -122,10 +125,10 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup = SINGLE) -> None:
+    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup = SINGLE, ops=None) -> None:
         if input_size % tp.size:
             raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size={tp.size}")
-        super().__init__(input_size // tp.size, output_size, tp, 1)
+        super().__init__(input_size // tp.size, output_size, tp, 1, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(self.matmul(x, self.weight))

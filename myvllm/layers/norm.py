@@ -1,4 +1,4 @@
-"""RMSNorm with an optional fused residual add."""
+"""RMSNorm with an optional fused residual add, alone or fused into the projection it feeds."""
 
 from __future__ import annotations
 
@@ -20,3 +20,13 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps)
         return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def project(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, silu: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s) @ weight.T, s) with s = x + residual, or x without one; with silu the
+        projection is a packed [gate; up] and silu(gate) * up is returned. For a few tokens
+        this is one CUDA kernel; the weight may be any column-parallel projection's."""
+        if residual is None:
+            return self.ops.norm_linear(x, self.weight, self.eps, weight, silu), x
+        return self.ops.add_norm_linear(x, residual, self.weight, self.eps, weight, silu)

@@ -2,8 +2,10 @@
 
     embed -> [input_norm -> attention -> post_norm -> MLP] x L -> norm -> LM head
 
-Residual adds are fused into the following RMSNorm. Attention packs q/k/v into one
-projection, applies per-head RMSNorm to q and k, then rotary, then paged attention.
+Residual adds are fused into the following RMSNorm, and each RMSNorm into the projection it
+feeds (qkv, gate_up with SiLU; one CUDA kernel for a few tokens, see RMSNorm.project).
+Attention packs q/k/v into one projection, applies per-head RMSNorm to q and k, then rotary,
+then paged attention.
 `packed_modules_mapping` tells the loader which checkpoint tensors go into which
 slice of a packed parameter.
 """
@@ -16,7 +18,6 @@ from torch import nn
 from myvllm.attention.backend import AttentionBackend, AttentionMetadata
 from myvllm.config import ModelConfig
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
-from myvllm.layers.activation import SiluAndMul
 from myvllm.layers.attention import Attention
 from myvllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from myvllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -37,15 +38,16 @@ class Qwen3Attention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, tp)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, tp, ops)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, backend)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) * D]
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv [T, (H + 2 Hkv) * D]: qkv_proj of the normalised hidden states (the decoder layer
+        computes it, fused with the norm) -> o_proj of the attention [T, hidden]."""
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # strided views of qkv
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -63,14 +65,16 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)). The decoder layer computes silu(gate) * up fused with the
+    post-attention norm (RMSNorm.project over gate_up_proj's weight); forward takes that."""
+
     def __init__(self, cfg: ModelConfig, ops, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
-        self.act = SiluAndMul(ops)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, ops)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, act: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(act)  # [T, I] -> [T, hidden]
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -84,14 +88,13 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        """hidden: the previous layer's output, not yet added to residual (layer 0: the
+        embeddings, residual None) -> (this layer's output, the residual stream before it)."""
+        qkv, residual = self.input_layernorm.project(hidden, residual, self.self_attn.qkv_proj.weight)
+        hidden = self.self_attn(positions, qkv, meta)
+        act, residual = self.post_attention_layernorm.project(hidden, residual, self.mlp.gate_up_proj.weight,
+                                                              silu=True)
+        return self.mlp(act), residual
 
 
 class Qwen3Model(nn.Module):

@@ -40,9 +40,7 @@ __global__ void __launch_bounds__(kThreads)
     V r;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float gf = static_cast<float>(g.v[j]);
-      const float act = static_cast<float>(static_cast<T>(__fdividef(gf, 1.f + __expf(-gf))));
-      r.v[j] = static_cast<T>(act * static_cast<float>(u.v[j]));
+      r.v[j] = static_cast<T>(silu_mul<T>(static_cast<float>(g.v[j]), static_cast<float>(u.v[j])));
     }
     o[idx] = r;
   }

@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -28,6 +29,12 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_store(
     const at::Tensor& cos_sin_cache, at::Tensor& k_cache, at::Tensor& v_cache,
     const at::Tensor& slot_mapping);
 at::Tensor silu_and_mul(const at::Tensor& x);
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight,
+                const std::optional<at::Tensor>& norm_weight, double eps, bool silu);
+std::tuple<at::Tensor, at::Tensor> add_norm_gemv(const at::Tensor& x, const at::Tensor& residual,
+                                                 const at::Tensor& weight,
+                                                 const at::Tensor& norm_weight, double eps,
+                                                 bool silu);
 }  // namespace myvllm
 
 TORCH_LIBRARY(myvllm, m) {
@@ -47,6 +54,11 @@ TORCH_LIBRARY(myvllm, m) {
       "Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)",
       tags);
   m.def("silu_and_mul(Tensor x) -> Tensor", tags);
+  m.def("gemv(Tensor x, Tensor weight, Tensor? norm_weight, float eps, bool silu) -> Tensor", tags);
+  m.def(
+      "add_norm_gemv(Tensor x, Tensor residual, Tensor weight, Tensor norm_weight, float eps, "
+      "bool silu) -> (Tensor, Tensor)",
+      tags);
 }
 
 TORCH_LIBRARY_IMPL(myvllm, CUDA, m) {
@@ -55,4 +67,6 @@ TORCH_LIBRARY_IMPL(myvllm, CUDA, m) {
   m.impl("qk_norm_rope", &myvllm::qk_norm_rope);
   m.impl("qk_norm_rope_store", &myvllm::qk_norm_rope_store);
   m.impl("silu_and_mul", &myvllm::silu_and_mul);
+  m.impl("gemv", &myvllm::gemv);
+  m.impl("add_norm_gemv", &myvllm::add_norm_gemv);
 }

@@ -4,8 +4,9 @@
 `torch.utils.cpp_extension.load` into the default torch extensions directory
 (`$TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions`) and loads the library into
 the process, which registers `torch.ops.myvllm.{rms_norm, fused_add_rms_norm, qk_norm_rope,
-qk_norm_rope_store, silu_and_mul}` for CUDA tensors. The first build takes about a minute; later processes
-reuse it (ninja rebuilds only when a source or a flag changes, e.g. on another GPU arch).
+qk_norm_rope_store, silu_and_mul, gemv, add_norm_gemv}` for CUDA tensors. The first build
+takes about a minute; later processes reuse it (ninja rebuilds only when a source or a flag
+changes, e.g. on another GPU arch).
 
 Schemas (outputs new and contiguous, in the inputs' dtype; qk_norm_rope_store also writes
 K and V into the caches it is given):
@@ -17,6 +18,9 @@ K and V into the caches it is given):
                        Tensor positions, Tensor cos_sin_cache, Tensor(a!) k_cache,
                        Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)
     silu_and_mul(Tensor x) -> Tensor
+    gemv(Tensor x, Tensor weight, Tensor? norm_weight, float eps, bool silu) -> Tensor
+    add_norm_gemv(Tensor x, Tensor residual, Tensor weight, Tensor norm_weight, float eps,
+                  bool silu) -> (Tensor, Tensor)
 
 Compiler flags: `-O3` and machine code for the present GPU's arch only (one `-gencode`,
 which also stops torch from adding its own arch list). No `--use_fast_math`: it would flush
@@ -38,7 +42,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 EXTENSION_NAME = "myvllm_cuda_ops"
-_SOURCES = ("bindings.cpp", "norm.cu", "qk_norm_rope.cu", "activation.cu")
+_SOURCES = ("bindings.cpp", "norm.cu", "qk_norm_rope.cu", "activation.cu", "gemv.cu")
 
 
 def _unavailable_reason() -> str | None:
@@ -114,6 +118,17 @@ def _register_fakes() -> None:
     @torch.library.register_fake("myvllm::silu_and_mul")
     def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    def gemv_out(x: torch.Tensor, weight: torch.Tensor, silu: bool) -> torch.Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0] // 2 if silu else weight.shape[0]))
+
+    @torch.library.register_fake("myvllm::gemv")
+    def _gemv(x, weight, norm_weight, eps, silu) -> torch.Tensor:
+        return gemv_out(x, weight, silu)
+
+    @torch.library.register_fake("myvllm::add_norm_gemv")
+    def _add_norm_gemv(x, residual, weight, norm_weight, eps, silu) -> tuple[torch.Tensor, torch.Tensor]:
+        return gemv_out(x, weight, silu), contiguous_like(x)
 
 
 @functools.cache

@@ -31,4 +31,11 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// silu(gate) * up as silu_and_mul computes it (see activation.cu): silu in float32, rounded to T
+// before the multiply. __expf / __fdividef: a few ulp of float32, far below T's rounding.
+template <typename T>
+__device__ __forceinline__ float silu_mul(float gate, float up) {
+  return round_to<T>(__fdividef(gate, 1.f + __expf(-gate))) * up;
+}
+
 }  // namespace myvllm

@@ -1,0 +1,337 @@
+// Matrix-vector products for a few tokens (decode at small batch), with the decoder's
+// neighbouring elementwise ops fused in, out of place:
+//
+//   gemv(x, W, norm_w?, eps, silu)                 out = epi(pro(x) @ W^T)
+//   add_norm_gemv(x, residual, W, norm_w, eps, silu) s = x + residual; out = epi(rms_norm(s) @ W^T)
+//                                                   -> (out, s)
+//
+// x [rows, K] with rows <= kMaxRows, W [N, K] row-major (nn.Linear's layout). The prologue is
+// nothing or RMSNorm (plus the residual add); the epilogue is nothing or silu(gate) * up over
+// the two halves of W's rows (gate_up_proj), which halves the output to [rows, N / 2].
+//
+// Why: at one token a Qwen3 layer is ~11 kernels whose launch and ramp cost more than their
+// bytes; this puts norm + projection (+ activation) into one, and for N = hidden the
+// one-warp-per-row product reads the weights faster than cuBLAS's split-K choice.
+//
+// Layout: 8 warps per block, one warp per output (per gate/up pair with silu); the lanes of a
+// warp read 16-byte vectors of a weight row side by side, several in flight before the first
+// use; the weights are loaded before the prologue, so their latency overlaps it. Every block
+// stages the (normalised) rows of x in shared memory; block 0 alone writes s.
+//
+// Numerics follow myvllm/kernels/reference.py composed (fused_add_rms_norm or rms_norm,
+// F.linear, silu_and_mul): float32 arithmetic rounded to T where the unfused ops round (s, the
+// normalised x before the weight, the weight product, the projection output, silu). Only the
+// dot products' summation order differs from cuBLAS.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace myvllm {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kInFlight = 8;  // 16-byte weight vectors per lane in flight (over all its rows)
+constexpr int kMinBlocks = 2;  // per SM: caps registers at 128 a thread
+constexpr int kMaxRows = 8;   // rows of x; M (the kernel's row count) is 1, 2, 4 or 8
+constexpr int kMaxSmem = 96 * 1024;  // staged x: M * K * sizeof(T) bytes (opted in past 48 KB)
+
+enum Prologue : int { kCopy = 0, kNorm = 1, kAddNorm = 2 };
+
+// 16 bytes of weights, read once per pass: kept out of L1.
+template <typename V>
+__device__ __forceinline__ V load_stream(const V* p) {
+  static_assert(sizeof(V) == 16, "16-byte vectors only");
+  int4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return *reinterpret_cast<V*>(&r);
+}
+
+// Stage x (rows < `rows`, zeros above) in xs [M, K] as the prologue PRO sees it. With kAddNorm
+// the sum s = x + residual is what is normalised; block 0 writes it to res_out.
+template <typename T, int VEC, int M, int PRO>
+__device__ __forceinline__ void stage_x(T* __restrict__ xs, const T* __restrict__ x,
+                                        int64_t x_stride, const T* __restrict__ residual,
+                                        int64_t res_stride, T* __restrict__ res_out,
+                                        const T* __restrict__ norm_w, float eps, int rows,
+                                        int k) {
+  using V = Vec<T, VEC>;
+  const int nvec = k / VEC;
+  V* xsv = reinterpret_cast<V*>(xs);
+  float sumsq[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    sumsq[m] = 0.f;
+    for (int c = threadIdx.x; c < nvec; c += kThreads) {
+      V a;
+      if (m < rows) {
+        a = reinterpret_cast<const V*>(x + m * x_stride)[c];
+        if constexpr (PRO == kAddNorm) {
+          const V b = reinterpret_cast<const V*>(residual + m * res_stride)[c];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e)
+            a.v[e] = static_cast<T>(static_cast<float>(a.v[e]) + static_cast<float>(b.v[e]));
+          if (blockIdx.x == 0) reinterpret_cast<V*>(res_out + m * static_cast<int64_t>(k))[c] = a;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) a.v[e] = static_cast<T>(0.f);
+      }
+      if constexpr (PRO != kCopy) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) sumsq[m] += static_cast<float>(a.v[e]) * static_cast<float>(a.v[e]);
+      }
+      xsv[m * nvec + c] = a;
+    }
+  }
+  if constexpr (PRO != kCopy) {
+    // Block sums of the M rows' squares; each thread then rescales the entries it staged.
+    __shared__ float partial[kWarps][M];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float s = warp_sum(sumsq[m]);
+      if (lane == 0) partial[warp][m] = s;
+    }
+    __syncthreads();
+    const V* wv = reinterpret_cast<const V*>(norm_w);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) total += partial[w][m];
+      const float inv_rms = rsqrtf(total / static_cast<float>(k) + eps);
+      for (int c = threadIdx.x; c < nvec; c += kThreads) {
+        const V g = wv[c];
+        V a = xsv[m * nvec + c];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          a.v[e] = static_cast<T>(static_cast<float>(g.v[e]) *
+                                  round_to<T>(static_cast<float>(a.v[e]) * inv_rms));
+        xsv[m * nvec + c] = a;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Vectors c0, c0 + 32, ... (U of them, those below nvec) of each of the R rows.
+template <typename V, int R, int U>
+__device__ __forceinline__ void load_weights(V (&wv)[R][U], const V* const (&wrow)[R],
+                                             bool active, int c0, int nvec) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + u * 32;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (active && c < nvec) wv[r][u] = load_stream(wrow[r] + c);
+  }
+}
+
+// out [rows, n_out]. Warp j of the grid computes output column j: the dot products of W's row
+// j (and, with SILU, row j + n_out) with the M staged rows of x.
+template <typename T, int VEC, int M, int PRO, bool SILU>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    gemv_kernel(T* __restrict__ out, T* __restrict__ res_out, const T* __restrict__ x,
+                int64_t x_stride, const T* __restrict__ residual, int64_t res_stride,
+                const T* __restrict__ w, const T* __restrict__ norm_w, float eps, int rows,
+                int n_out, int k) {
+  using V = Vec<T, VEC>;
+  constexpr int R = SILU ? 2 : 1;  // weight rows per warp
+  constexpr int U = kInFlight / R;  // vectors of each row per sweep
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  const int lane = threadIdx.x & 31;
+  const int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  const bool active = j < n_out;
+  const int nvec = k / VEC;
+  const V* wrow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    wrow[r] = reinterpret_cast<const V*>(w + static_cast<int64_t>(active ? j + r * n_out : 0) * k);
+
+  V wv[R][U];
+  load_weights<V, R, U>(wv, wrow, active, lane, nvec);  // in flight while x is staged
+  stage_x<T, VEC, M, PRO>(xs, x, x_stride, residual, res_stride, res_out, norm_w, eps, rows, k);
+  if (!active) return;
+
+  const V* xsv = reinterpret_cast<const V*>(xs);
+  float acc[R][M];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+  for (int c0 = lane;;) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * 32;
+      if (c < nvec) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const V xv = xsv[m * nvec + c];
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e)
+              acc[r][m] += static_cast<float>(wv[r][u].v[e]) * static_cast<float>(xv.v[e]);
+        }
+      }
+    }
+    c0 += 32 * U;
+    if (c0 >= nvec) break;
+    load_weights<V, R, U>(wv, wrow, true, c0, nvec);
+  }
+
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float y[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) y[r] = warp_sum(acc[r][m]);
+    if (lane == 0 && m < rows) {
+      float v = round_to<T>(y[0]);  // the projection's output in T
+      if constexpr (SILU) v = silu_mul<T>(v, round_to<T>(y[1]));
+      out[m * static_cast<int64_t>(n_out) + j] = static_cast<T>(v);
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, int M, int PRO, bool SILU>
+void launch_m(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
+              int64_t res_stride, const T* w, const T* norm_w, float eps, int rows, int n_out,
+              int k) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int smem = M * k * static_cast<int>(sizeof(T));
+  auto* kernel = gemv_kernel<T, kVec, M, PRO, SILU>;
+  // Over 48 KB of shared memory needs an opt-in, once per kernel (legal under graph capture).
+  static const bool opted_in = [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
+    return true;
+  }();
+  (void)opted_in;
+  const dim3 grid((n_out + kWarps - 1) / kWarps);
+  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      out, res_out, x, x_stride, residual, res_stride, w, norm_w, eps, rows, n_out, k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int PRO, bool SILU>
+void launch(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
+            int64_t res_stride, const T* w, const T* norm_w, float eps, int rows, int n_out,
+            int k) {
+  auto run = [&](auto m_c) {
+    launch_m<T, decltype(m_c)::value, PRO, SILU>(out, res_out, x, x_stride, residual, res_stride,
+                                                 w, norm_w, eps, rows, n_out, k);
+  };
+  if (rows == 1) run(std::integral_constant<int, 1>{});
+  else if (rows == 2) run(std::integral_constant<int, 2>{});
+  else if (rows <= 4) run(std::integral_constant<int, 4>{});
+  else run(std::integral_constant<int, 8>{});
+}
+
+int padded_rows(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
+
+void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "gemv: ", name, " must be on x's device");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "gemv: ", name, " dtype ", t.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(t.stride(-1) == 1 && aligned16(t.const_data_ptr()), "gemv: ", name,
+              " must have unit stride on its last dim and a 16-byte aligned start");
+}
+
+// Checks the contract that myvllm/kernels/fused_ops.py's gemv_fits() tests before calling.
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, bool silu) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "gemv: x must be a 2-D CUDA tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "gemv: weight must be [N, ",
+              x.size(1), "], got ", weight.sizes());
+  TORCH_CHECK(weight.is_contiguous(), "gemv: weight must be contiguous");
+  check_operand(x, x, "x");
+  check_operand(weight, x, "weight");
+  const int64_t rows = x.size(0), k = x.size(1);
+  const int64_t vec = 16 / x.element_size();
+  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "gemv: x must have 1..", kMaxRows, " rows, got ",
+              rows);
+  TORCH_CHECK(k % vec == 0 && x.stride(0) % vec == 0, "gemv: K and x's row stride must be ",
+              "multiples of ", vec);
+  TORCH_CHECK(padded_rows(rows) * k * x.element_size() <= kMaxSmem, "gemv: ", rows, " rows of ",
+              k, " elements exceed the ", kMaxSmem, "-byte staging buffer");
+  TORCH_CHECK(weight.size(0) >= (silu ? 2 : 1) && (!silu || weight.size(0) % 2 == 0),
+              "gemv: weight needs ", silu ? "an even number of rows (gate, up)" : "rows", ", got ",
+              weight.size(0));
+  TORCH_CHECK(weight.size(0) <= INT32_MAX, "gemv: too many weight rows");
+}
+
+template <int PRO, bool SILU>
+void dispatch(at::Tensor& out, at::Tensor* res_out, const at::Tensor& x,
+              const at::Tensor* residual, const at::Tensor& weight, const at::Tensor* norm_w,
+              double eps) {
+  const int rows = static_cast<int>(x.size(0)), k = static_cast<int>(x.size(1));
+  MYVLLM_DISPATCH_FLOATS(x.scalar_type(), "gemv", [&] {
+    launch<scalar_t, PRO, SILU>(
+        out.data_ptr<scalar_t>(), res_out ? res_out->data_ptr<scalar_t>() : nullptr,
+        x.const_data_ptr<scalar_t>(), x.stride(0),
+        residual ? residual->const_data_ptr<scalar_t>() : nullptr, residual ? residual->stride(0) : 0,
+        weight.const_data_ptr<scalar_t>(), norm_w ? norm_w->const_data_ptr<scalar_t>() : nullptr,
+        static_cast<float>(eps), rows, static_cast<int>(out.size(1)), k);
+  });
+}
+
+}  // namespace
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight,
+                const std::optional<at::Tensor>& norm_weight, double eps, bool silu) {
+  check_inputs(x, weight, silu);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n_out = silu ? weight.size(0) / 2 : weight.size(0);
+  at::Tensor out = at::empty({x.size(0), n_out}, x.options());
+  if (norm_weight.has_value()) {
+    const at::Tensor nw = norm_weight->contiguous();
+    TORCH_CHECK(nw.dim() == 1 && nw.size(0) == x.size(1), "gemv: norm_weight must be [",
+                x.size(1), "]");
+    check_operand(nw, x, "norm_weight");
+    if (silu) dispatch<kNorm, true>(out, nullptr, x, nullptr, weight, &nw, eps);
+    else dispatch<kNorm, false>(out, nullptr, x, nullptr, weight, &nw, eps);
+  } else {
+    if (silu) dispatch<kCopy, true>(out, nullptr, x, nullptr, weight, nullptr, eps);
+    else dispatch<kCopy, false>(out, nullptr, x, nullptr, weight, nullptr, eps);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_norm_gemv(const at::Tensor& x, const at::Tensor& residual,
+                                                 const at::Tensor& weight,
+                                                 const at::Tensor& norm_weight, double eps,
+                                                 bool silu) {
+  check_inputs(x, weight, silu);
+  TORCH_CHECK(residual.sizes() == x.sizes(), "add_norm_gemv: residual shape ", residual.sizes(),
+              " differs from x shape ", x.sizes());
+  check_operand(residual, x, "residual");
+  TORCH_CHECK(residual.stride(0) % (16 / x.element_size()) == 0,
+              "add_norm_gemv: residual's row stride must be a multiple of 16 bytes");
+  const at::Tensor nw = norm_weight.contiguous();
+  TORCH_CHECK(nw.dim() == 1 && nw.size(0) == x.size(1), "add_norm_gemv: norm_weight must be [",
+              x.size(1), "]");
+  check_operand(nw, x, "norm_weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n_out = silu ? weight.size(0) / 2 : weight.size(0);
+  at::Tensor out = at::empty({x.size(0), n_out}, x.options());
+  at::Tensor res_out = at::empty(x.sizes(), x.options());
+  if (silu) dispatch<kAddNorm, true>(out, &res_out, x, &residual, weight, &nw, eps);
+  else dispatch<kAddNorm, false>(out, &res_out, x, &residual, weight, &nw, eps);
+  return {out, res_out};
+}
+
+}  // namespace myvllm
