@@ -21,7 +21,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from myvllm.capture.capture_util import capture  # noqa: E402
-from myvllm.kernels.fused_ops import FusedOps  # noqa: E402
+from myvllm.kernels.fused_ops import GEMV_MAX_ROWS, FusedOps  # noqa: E402
 
 LAYERS = 28
 HIDDEN, INTER, QKV = 1024, 3072, (16 + 2 * 8) * 128
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     layers = make_layers()
-    fused, baseline = FusedOps(True, "cuda"), FusedOps(True, "cuda", gemv_max_rows=0)
+    fused, baseline = FusedOps(True, "cuda", gemv_max_rows=GEMV_MAX_ROWS), FusedOps(True, "cuda", gemv_max_rows=0)
     assert fused.uses_cuda_kernels, "the CUDA kernels did not build"
     results = []
     print(f"{'rows':>4} {'projection':<24} {'gemv µs':>8} {'TB/s':>5} {'cuBLAS µs':>9} {'TB/s':>5} {'speed-up':>8}")

@@ -1,8 +1,9 @@
 """The matrix-vector kernels (torch.ops.myvllm.gemv / add_norm_gemv) against the torch reference.
 
-FusedOps.linear / norm_linear / add_norm_linear send up to GEMV_MAX_ROWS tokens to the CUDA
-kernel; each must equal the reference composition (rms_norm or fused_add_rms_norm, F.linear,
-silu_and_mul) to within the summation order of the dot products. Tests marked `gpu` need CUDA.
+FusedOps.linear / norm_linear / add_norm_linear send up to gemv_max_rows tokens to the CUDA
+kernel (GEMV_ROWS by default; here the kernel's limit, GEMV_MAX_ROWS); each must equal the
+reference composition (rms_norm or fused_add_rms_norm, F.linear, silu_and_mul) to within the
+summation order of the dot products. Tests marked `gpu` need CUDA.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from test_cuda_kernels import EPS, assert_matches, norm_weight, poison_allocator
 
 from myvllm.kernels import reference
-from myvllm.kernels.fused_ops import GEMV_MAX_ROWS, FusedOps, gemv_fits
+from myvllm.kernels.fused_ops import GEMV_MAX_ROWS, GEMV_ROWS, FusedOps, gemv_fits
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ROWS = [1, 2, 3, 5, 8]
@@ -24,7 +25,7 @@ SHAPES = {"qkv": (1024, 4096), "o": (2048, 1024), "gate_up": (1024, 6144), "down
 
 @pytest.fixture(scope="module")
 def ops() -> FusedOps:
-    fused = FusedOps(use_cuda_kernels=True, device="cuda")
+    fused = FusedOps(use_cuda_kernels=True, device="cuda", gemv_max_rows=GEMV_MAX_ROWS)
     assert fused.uses_cuda_kernels, "the CUDA kernels failed to build; see the INFO log"
     return fused
 
@@ -128,6 +129,11 @@ def test_other_sizes_take_the_cublas_path(ops: FusedOps) -> None:
     assert torch.equal(ops.linear(odd, w_odd), F.linear(odd, w_odd))
     with pytest.raises(RuntimeError, match="rows"):
         torch.ops.myvllm.gemv(many, w, None, 0.0, False)
+    default = FusedOps(use_cuda_kernels=True, device="cuda")  # the kernel up to GEMV_ROWS tokens
+    for rows in (GEMV_ROWS, GEMV_ROWS + 1):
+        x = torch.randn(rows, 1024, device="cuda").to(dtype)
+        kernel = torch.ops.myvllm.gemv(x, w, None, 0.0, False)
+        assert torch.equal(default.linear(x, w), kernel if rows <= GEMV_ROWS else F.linear(x, w))
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ cos_sin_cache in float32 or q's dtype; unit stride on the last dim (q and k may 
 be strided views of the packed qkv projection). Outputs are always new contiguous tensors.
 
 The projections (`linear`, `norm_linear`, `add_norm_linear`) use the CUDA matrix-vector
-kernel, with the norm (and residual add, and SiLU) fused in, for up to GEMV_MAX_ROWS tokens
+kernel, with the norm (and residual add, and SiLU) fused in, for up to GEMV_ROWS tokens
 whose operands fit its contract (`gemv_fits`); otherwise the norm kernel and cuBLAS.
 """
 
@@ -28,9 +28,11 @@ from myvllm.kernels.cuda.build import load_cuda_ops
 
 Tensor = torch.Tensor
 
-# Tokens up to which the matrix-vector kernel replaces cuBLAS: on an H100 it is faster for
-# every Qwen3-0.6B projection at 1, 2, 4 and 8 tokens (benchmarks/gemv_microbench.py).
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 8  # the most tokens the matrix-vector kernel takes
+# Tokens up to which FusedOps uses it instead of cuBLAS: the four projections of a Qwen3-0.6B
+# layer take 1.5x less time at one token, 1.1x at two, and more than cuBLAS from four
+# (benchmarks/gemv_microbench.py; docs/performance.md).
+GEMV_ROWS = 2
 GEMV_MAX_STAGED_BYTES = 96 * 1024  # the kernel stages x (rows padded to 1/2/4/8) in shared memory
 
 
@@ -50,8 +52,9 @@ def gemv_fits(x: Tensor, weight: Tensor) -> bool:
 class FusedOps:
     """Norms, q/k norm + rotary, SiLU and the projections for one device."""
 
-    def __init__(self, use_cuda_kernels: bool, device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROWS) -> None:
-        """gemv_max_rows: the most tokens sent to the matrix-vector kernel (0: cuBLAS always)."""
+    def __init__(self, use_cuda_kernels: bool, device: torch.device | str, gemv_max_rows: int = GEMV_ROWS) -> None:
+        """gemv_max_rows: the most tokens sent to the matrix-vector kernel (0: cuBLAS always;
+        at most GEMV_MAX_ROWS)."""
         self.device = torch.device(device)
         self.uses_cuda_kernels: bool = use_cuda_kernels and self.device.type == "cuda" and load_cuda_ops()
         self.gemv_max_rows = min(gemv_max_rows, GEMV_MAX_ROWS)

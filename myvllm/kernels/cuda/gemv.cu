@@ -28,6 +28,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <optional>
@@ -41,8 +42,14 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kInFlight = 8;  // 16-byte weight vectors per lane in flight (over all its rows)
-constexpr int kMinBlocks = 2;  // per SM: caps registers at 128 a thread
+// Blocks resident per SM, which caps registers at 64 (M <= 2) or 128 a thread, and the 16-byte
+// weight vectors each lane keeps in flight (over all its rows): at one or two tokens, four
+// blocks an SM run the 0.6B projections (up to 512 blocks) in one wave, each SM with 64 KB of
+// weights in flight either way.
+template <int M>
+constexpr int min_blocks() { return M <= 2 ? 4 : 2; }
+template <int M>
+constexpr int in_flight() { return M <= 2 ? 4 : 8; }
 constexpr int kMaxRows = 8;   // rows of x; M (the kernel's row count) is 1, 2, 4 or 8
 constexpr int kMaxSmem = 96 * 1024;  // staged x: M * K * sizeof(T) bytes (opted in past 48 KB)
 
@@ -59,6 +66,19 @@ __device__ __forceinline__ V load_stream(const V* p) {
   return *reinterpret_cast<V*>(&r);
 }
 
+// griddepcontrol (sm_90+): no-ops when the kernel was launched without the PDL attribute.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // Stage x (rows < `rows`, zeros above) in xs [M, K] as the prologue PRO sees it. With kAddNorm
 // the sum s = x + residual is what is normalised; block 0 writes it to res_out.
 template <typename T, int VEC, int M, int PRO>
@@ -72,9 +92,11 @@ __device__ __forceinline__ void stage_x(T* __restrict__ xs, const T* __restrict_
   V* xsv = reinterpret_cast<V*>(xs);
   float sumsq[M];
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    sumsq[m] = 0.f;
-    for (int c = threadIdx.x; c < nvec; c += kThreads) {
+  for (int m = 0; m < M; ++m) sumsq[m] = 0.f;
+  // Vector c of all M rows per step: the M loads are in flight together.
+  for (int c = threadIdx.x; c < nvec; c += kThreads) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
       V a;
       if (m < rows) {
         a = reinterpret_cast<const V*>(x + m * x_stride)[c];
@@ -106,20 +128,24 @@ __device__ __forceinline__ void stage_x(T* __restrict__ xs, const T* __restrict_
       if (lane == 0) partial[warp][m] = s;
     }
     __syncthreads();
-    const V* wv = reinterpret_cast<const V*>(norm_w);
+    float inv_rms[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float total = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) total += partial[w][m];
-      const float inv_rms = rsqrtf(total / static_cast<float>(k) + eps);
-      for (int c = threadIdx.x; c < nvec; c += kThreads) {
-        const V g = wv[c];
+      inv_rms[m] = rsqrtf(total / static_cast<float>(k) + eps);
+    }
+    const V* wv = reinterpret_cast<const V*>(norm_w);
+    for (int c = threadIdx.x; c < nvec; c += kThreads) {
+      const V g = wv[c];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
         V a = xsv[m * nvec + c];
 #pragma unroll
         for (int e = 0; e < VEC; ++e)
           a.v[e] = static_cast<T>(static_cast<float>(g.v[e]) *
-                                  round_to<T>(static_cast<float>(a.v[e]) * inv_rms));
+                                  round_to<T>(static_cast<float>(a.v[e]) * inv_rms[m]));
         xsv[m * nvec + c] = a;
       }
     }
@@ -143,14 +169,14 @@ __device__ __forceinline__ void load_weights(V (&wv)[R][U], const V* const (&wro
 // out [rows, n_out]. Warp j of the grid computes output column j: the dot products of W's row
 // j (and, with SILU, row j + n_out) with the M staged rows of x.
 template <typename T, int VEC, int M, int PRO, bool SILU>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, min_blocks<M>())
     gemv_kernel(T* __restrict__ out, T* __restrict__ res_out, const T* __restrict__ x,
                 int64_t x_stride, const T* __restrict__ residual, int64_t res_stride,
                 const T* __restrict__ w, const T* __restrict__ norm_w, float eps, int rows,
                 int n_out, int k) {
   using V = Vec<T, VEC>;
   constexpr int R = SILU ? 2 : 1;  // weight rows per warp
-  constexpr int U = kInFlight / R;  // vectors of each row per sweep
+  constexpr int U = in_flight<M>() / R;  // vectors of each row per sweep
   extern __shared__ __align__(16) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
   const int lane = threadIdx.x & 31;
@@ -164,6 +190,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   V wv[R][U];
   load_weights<V, R, U>(wv, wrow, active, lane, nvec);  // in flight while x is staged
+  // Programmatic dependent launch: the weights above need nothing from the kernel before this
+  // one; x does. Once x may be read, the next kernel may start and prefetch its own weights.
+  grid_dependency_wait();
+  allow_dependent_launch();
   stage_x<T, VEC, M, PRO>(xs, x, x_stride, residual, res_stride, res_out, norm_w, eps, rows, k);
   if (!active) return;
 
@@ -209,6 +239,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Hopper and later; read once (one process drives one GPU here).
+bool supports_pdl() {
+  static const bool supported = [] {
+    int device = 0, major = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major >= 9;
+  }();
+  return supported;
+}
+
 template <typename T, int M, int PRO, bool SILU>
 void launch_m(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
               int64_t res_stride, const T* w, const T* norm_w, float eps, int rows, int n_out,
@@ -222,10 +263,20 @@ void launch_m(T* out, T* res_out, const T* x, int64_t x_stride, const T* residua
     return true;
   }();
   (void)opted_in;
-  const dim3 grid((n_out + kWarps - 1) / kWarps);
-  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      out, res_out, x, x_stride, residual, res_stride, w, norm_w, eps, rows, n_out, k);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((n_out + kWarps - 1) / kWarps);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  // Programmatic dependent launch (sm_90+; captured into CUDA graphs as such): this kernel may
+  // be scheduled before the previous one ends; it waits for it before reading x (see above).
+  cudaLaunchAttribute pdl;
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &pdl;
+  config.numAttrs = supports_pdl() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, out, res_out, x, x_stride, residual,
+                                    res_stride, w, norm_w, eps, rows, n_out, k));
 }
 
 template <typename T, int PRO, bool SILU>
