@@ -8,6 +8,8 @@ summation order of the dot products. Tests marked `gpu` need CUDA.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,13 +129,39 @@ def test_other_sizes_take_the_cublas_path(ops: FusedOps) -> None:
     w_odd = make_weight(1001, 512, dtype)
     assert not gemv_fits(odd, w_odd)
     assert torch.equal(ops.linear(odd, w_odd), F.linear(odd, w_odd))
-    with pytest.raises(RuntimeError, match="rows"):
-        torch.ops.myvllm.gemv(many, w, None, 0.0, False)
     default = FusedOps(use_cuda_kernels=True, device="cuda")  # the kernel up to GEMV_ROWS tokens
     for rows in (GEMV_ROWS, GEMV_ROWS + 1):
         x = torch.randn(rows, 1024, device="cuda").to(dtype)
         kernel = torch.ops.myvllm.gemv(x, w, None, 0.0, False)
         assert torch.equal(default.linear(x, w), kernel if rows <= GEMV_ROWS else F.linear(x, w))
+
+
+BAD_CALL = """
+import torch
+from myvllm.kernels.cuda.build import load_cuda_ops
+assert load_cuda_ops()
+x = torch.randn({rows}, 1024, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+try:
+    torch.ops.myvllm.gemv(x, w, None, 0.0, False)
+except RuntimeError as exc:
+    print("RuntimeError:", exc)
+"""
+
+
+@pytest.mark.gpu
+def test_bad_sizes_raise_instead_of_crashing() -> None:
+    """The op's own checks (FusedOps never calls it outside gemv_fits), in a child process so
+    that a crash fails this test alone."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    for rows in (GEMV_MAX_ROWS + 1, 0):
+        child = subprocess.run([sys.executable, "-c", BAD_CALL.format(rows=rows)], cwd=root, capture_output=True,
+                               text=True, timeout=300)
+        assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
+        assert "RuntimeError: gemv: x must have 1..8 rows" in child.stdout
 
 
 @pytest.mark.gpu

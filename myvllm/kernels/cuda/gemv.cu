@@ -312,13 +312,13 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, bool silu) {
   check_operand(x, x, "x");
   check_operand(weight, x, "weight");
   const int64_t rows = x.size(0), k = x.size(1);
-  const int64_t vec = 16 / x.element_size();
-  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "gemv: x must have 1..", kMaxRows, " rows, got ",
+  const int64_t vec = 16 / x.element_size(), max_rows = kMaxRows, max_smem = kMaxSmem;
+  TORCH_CHECK(rows >= 1 && rows <= max_rows, "gemv: x must have 1..", max_rows, " rows, got ",
               rows);
   TORCH_CHECK(k % vec == 0 && x.stride(0) % vec == 0, "gemv: K and x's row stride must be ",
               "multiples of ", vec);
-  TORCH_CHECK(padded_rows(rows) * k * x.element_size() <= kMaxSmem, "gemv: ", rows, " rows of ",
-              k, " elements exceed the ", kMaxSmem, "-byte staging buffer");
+  TORCH_CHECK(padded_rows(rows) * k * x.element_size() <= max_smem, "gemv: ", rows, " rows of ",
+              k, " elements exceed the ", max_smem, "-byte staging buffer");
   TORCH_CHECK(weight.size(0) >= (silu ? 2 : 1) && (!silu || weight.size(0) % 2 == 0),
               "gemv: weight needs ", silu ? "an even number of rows (gate, up)" : "rows", ", got ",
               weight.size(0));
