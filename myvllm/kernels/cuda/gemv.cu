@@ -10,8 +10,9 @@
 // the two halves of W's rows (gate_up_proj), which halves the output to [rows, N / 2].
 //
 // Why: at one token a Qwen3 layer is ~11 kernels whose launch and ramp cost more than their
-// bytes; this puts norm + projection (+ activation) into one, and for N = hidden the
-// one-warp-per-row product reads the weights faster than cuBLAS's split-K choice.
+// bytes; this puts norm + projection (+ activation) into one, and reads the weights faster
+// than cuBLAS does at these shapes (benchmarks/gemv_microbench.py, docs/performance.md). It is
+// launched with programmatic dependent launch: see grid_dependency_wait below.
 //
 // Layout: 8 warps per block, one warp per output (per gate/up pair with silu); the lanes of a
 // warp read 16-byte vectors of a weight row side by side, several in flight before the first
