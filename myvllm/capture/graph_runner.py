@@ -1,7 +1,7 @@
 """Decode steps captured into CUDA graphs, one per batch-size bucket.
 
-At engine start, the decode forward (embedding -> decoder layers -> final norm) is
-captured for each bucket size, largest first, all graphs sharing one memory pool.
+At engine start, the decode forward (embedding -> decoder layers) is captured for each
+bucket size, largest first, all graphs sharing one memory pool.
 Inputs live in static device buffers that every graph reads:
 
     input_ids, positions, slot_mapping   [max_bs]
@@ -11,8 +11,8 @@ Inputs live in static device buffers that every graph reads:
 
 A step with B sequences is padded by the scheduler to the smallest bucket P >= B;
 rows B..P-1 get slot -1 (write nothing) and seq_len 0 (attend to nothing) and are
-dropped. Host values go through pinned staging buffers, one copy per buffer. The
-LM head runs after the replay, on the B real rows only.
+dropped. Host values go through pinned staging buffers, one copy per buffer. The final
+norm and the LM head run after the replay, on the B real rows only.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class GraphRunner:
         ]
         self.num_loads = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # bucket -> static hidden states [bs, hidden]
+        # bucket -> static (hidden, residual) [bs, hidden] each: the model's output before the final norm
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = None
         self.capture_time = 0.0
 
@@ -84,7 +85,7 @@ class GraphRunner:
             is_decode_only=True,
         )
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         meta = self._meta(bs)
         self.runner.backend.prepare(meta)
         return self.runner.model(self.tokens[0, :bs], self.tokens[1, :bs], meta)
@@ -140,14 +141,13 @@ class GraphRunner:
         """Overwrite the input ids of some rows with values on the device (tokens in flight)."""
         self.tokens[0].index_copy_(0, rows, input_ids)
 
-    def load_device(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                    seq_lens: torch.Tensor) -> None:
+    def load_device(self, input_ids: torch.Tensor, positions_slots: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """Overwrite the first B rows of the token inputs from device tensors (later passes of a
-        multi-step batch); padding rows and block tables stay as load_host left them."""
+        multi-step batch): input_ids [B], positions_slots [2, B] (positions; slot mapping),
+        seq_lens [B]; padding rows and block tables stay as load_host left them."""
         b = input_ids.shape[0]
         self.tokens[0, :b].copy_(input_ids)
-        self.tokens[1, :b].copy_(positions)
-        self.tokens[2, :b].copy_(slot_mapping)
+        self.tokens[1:3, :b].copy_(positions_slots)
         self.seq_lens[:b].copy_(seq_lens)
 
     def replay(self, num_seqs: int, padded_batch_size: int) -> torch.Tensor:
@@ -155,7 +155,8 @@ class GraphRunner:
         self.runner.backend.prepare_replay(self._meta(padded_batch_size), padded_batch_size)
         self.graphs[padded_batch_size].replay()
         # every sequence of a decode-only step samples: the logits rows are 0..num_seqs-1
-        return self.runner.model.lm_head(self.outputs[padded_batch_size][:num_seqs])
+        hidden, residual = self.outputs[padded_batch_size]
+        return self.runner.model.logits(hidden[:num_seqs], residual[:num_seqs])
 
     def run(self, inputs: StepInputs, padded_batch_size: int) -> torch.Tensor:
         """Replay on this step's host inputs; logits [len(inputs.logits_indices), vocab]."""

@@ -30,8 +30,9 @@ Tensor = torch.Tensor
 
 GEMV_MAX_ROWS = 8  # the most tokens the matrix-vector kernel takes
 # Tokens up to which FusedOps uses it instead of cuBLAS: the four projections of a Qwen3-0.6B
-# layer take 1.5x less time at one token, 1.1x at two, and more than cuBLAS from four
-# (benchmarks/gemv_microbench.py; docs/performance.md).
+# layer take 1.75x less time at one token, 1.36x at two, 1.09x at four, and 1.7x more at eight;
+# the final norm + LM head take as long as the norm kernel + cuBLAS at one token, 1.09x as long
+# at two and 2.7x at four (benchmarks/gemv_microbench.py on an H200; docs/performance.md).
 GEMV_ROWS = 2
 GEMV_MAX_STAGED_BYTES = 96 * 1024  # the kernel stages x (rows padded to 1/2/4/8) in shared memory
 

@@ -23,6 +23,8 @@ block tables. A sequence with seq_len 0 (graph padding) reads nothing and yields
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -65,12 +67,16 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,  # cache block size
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (see launches_pdl)
 ):
     kv_head = tl.program_id(0)  # the KV heads of one token are adjacent in the cache: their
     seq = tl.program_id(1)  # programs run side by side and read neighbouring memory
     split = tl.program_id(2)
 
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)  # a step input: may be read before the wait
+    if USE_PDL:  # q and the newest K/V come from the kernel before
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT_LEN)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -150,7 +156,11 @@ def _decode_merge_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -179,6 +189,19 @@ def _decode_merge_kernel(
 
 
 LARGE_BATCH = 128
+
+
+@functools.cache
+def _sm90_or_later(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def launches_pdl(device: torch.device) -> bool:
+    """Whether the kernels here go out with programmatic dependent launch (sm_90+): each may be
+    scheduled while the kernel before it runs, waits for it (gdc_wait) before reading its
+    outputs, and then lets the next kernel start early in turn (the contract of
+    myvllm/kernels/cuda/common.cuh's launch_pdl, whose kernels surround these)."""
+    return device.type == "cuda" and _sm90_or_later(device.index if device.index is not None else 0)
 
 
 def decode_config(head_dim: int, batch: int = 1) -> tuple[int, int, int]:
@@ -275,6 +298,7 @@ def decode_attention(
         return out
     group = num_heads // num_kv_heads
     block_n, num_warps, num_stages = config or decode_config(head_dim, batch)
+    pdl = launches_pdl(q.device)
     min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q,
@@ -307,8 +331,10 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=pdl,
     )
     if num_splits == 1:
         return out
@@ -326,6 +352,8 @@ def decode_attention(
         NUM_SPLITS=num_splits,
         SPLITS_PAD=triton.next_power_of_2(num_splits),
         HEAD_DIM=head_dim,
+        USE_PDL=pdl,
         num_warps=max(1, min(4, head_dim // 32)),
+        launch_pdl=pdl,
     )
     return out

@@ -49,9 +49,15 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    """The model multiplies by `weight` itself (fused with the final norm); gather() assembles the
+    ranks' slices."""
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (only the rows to sample) -> logits [N, vocab]."""
-        logits = F.linear(hidden, self.weight)
+        return self.gather(F.linear(hidden, self.weight))
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """This rank's logits [N, shard_size] -> the whole vocabulary's [N, vocab]."""
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)
         return logits[:, :self.vocab_size] if logits.shape[-1] != self.vocab_size else logits

@@ -3,7 +3,8 @@
     embed -> [input_norm -> attention -> post_norm -> MLP] x L -> norm -> LM head
 
 Residual adds are fused into the following RMSNorm, and each RMSNorm into the projection it
-feeds (qkv, gate_up with SiLU; one CUDA kernel for a few tokens, see RMSNorm.project).
+feeds (qkv, gate_up with SiLU, and the final norm into the LM head, which runs on the sampled
+rows only; one CUDA kernel for a few tokens, see RMSNorm.project).
 Attention packs q/k/v into one projection, applies per-head RMSNorm to q and k, then rotary,
 then paged attention.
 `packed_modules_mapping` tells the loader which checkpoint tensors go into which
@@ -109,13 +110,15 @@ class Qwen3Model(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the last layer's output, the residual stream before it), both [T, hidden]; their
+        sum, normalised by self.norm, is the final hidden state (the LM head applies the norm)."""
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return hidden, residual
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -137,13 +140,21 @@ class Qwen3ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, positions [T] -> (hidden, residual) [T, hidden], before the final norm."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] of rows of forward()'s output: the final norm and the LM head (one
+        kernel for a few rows)."""
+        local, _ = self.model.norm.project(hidden, residual, self.lm_head.weight)
+        return self.lm_head.gather(local)
+
+    def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Logits [N, vocab] of the rows meta.logits_indices selects (the ones sampled)."""
-        return self.lm_head(hidden[meta.logits_indices])
+        rows = meta.logits_indices
+        return self.logits(hidden[rows], residual[rows])
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -215,8 +215,8 @@ class ModelRunner:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One forward through the model and LM head: logits [len(meta.logits_indices), vocab]."""
         self.backend.prepare(meta)
-        hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden, meta)
+        hidden, residual = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden, residual, meta)
 
     def _step_logits(self, inputs: StepInputs, padded_batch_size: int) -> torch.Tensor:
         if self.graph_runner is not None and self.graph_runner.can_run(inputs, padded_batch_size):
@@ -260,17 +260,13 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.send("forward_multi_step", inputs, batch.padded_batch_size, num_steps, limits)
         first_ids = self._inflight_input_ids(batch, prev)
-        st = self.sampling_tensors(batch.seqs)
-        if st.fused_seeds is not None:  # pass k: seeded rows at token index + k, others k calls later
-            seeds0 = st.fused_seeds
-            seeded = np.array([s.seed is not None for s in batch.seqs])
-            seed_step = host_to_device(np.where(seeded, 1, ROWS_PER_CALL).astype(np.int64), self.device)
-            self._sample_calls += num_steps - 1
+        st = self.sampling_tensors(batch.seqs, num_passes=num_steps)
+        pass_seeds = st.fused_seeds  # [num_steps, B] or None
         outs: list[SamplerOutput] = []
 
         def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
-            if st.fused_seeds is not None and k > 0:
-                st.fused_seeds = seeds0 + k * seed_step
+            if pass_seeds is not None:
+                st.fused_seeds = pass_seeds[k]
             outs.append(self.sampler(logits, st))
             return outs[-1].token_ids
 
@@ -323,7 +319,9 @@ class ModelRunner:
         b = inputs.num_tokens  # one token per sequence
         positions, slots, seq_lens = multi_step_arrays(inputs, num_steps, limits, self.block_size)
         dev = self.device
-        positions_d, slots_d, seq_lens_d = (host_to_device(a, dev) for a in (positions, slots, seq_lens))
+        # [K, 2, B]: pass k's positions and slots are one copy into the graph's inputs
+        pos_slots_d = host_to_device(np.stack([positions, slots], axis=1), dev)
+        seq_lens_d = host_to_device(seq_lens, dev)
         graph = self.graph_runner if (self.graph_runner is not None
                                       and self.graph_runner.can_run(inputs, padded_batch_size)) else None
         if graph is not None:
@@ -338,14 +336,14 @@ class ModelRunner:
         for k in range(num_steps):
             if graph is not None:
                 if k > 0:
-                    graph.load_device(tokens, positions_d[k], slots_d[k], seq_lens_d[k])
+                    graph.load_device(tokens, pos_slots_d[k], seq_lens_d[k])
                 logits = graph.replay(b, padded_batch_size)
             else:
                 if k > 0:
                     input_ids = tokens
-                    meta.slot_mapping, meta.seq_lens = slots_d[k], seq_lens_d[k]
+                    meta.slot_mapping, meta.seq_lens = pos_slots_d[k, 1], seq_lens_d[k]
                     meta.max_seq_len = int(seq_lens[k].max())
-                logits = self.forward(input_ids, positions_d[k], meta)
+                logits = self.forward(input_ids, pos_slots_d[k, 0], meta)
             tokens = sample(k, logits)
             if k + 1 < num_steps:
                 self.tp.broadcast(tokens, src=0)
@@ -397,7 +395,10 @@ class ModelRunner:
         seeded = [(i, self._generator_for(s)) for i, s in enumerate(seqs) if s.seed is not None and not greedy[i]]
         st.seeded = seeded or None
 
-    def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+    def sampling_tensors(self, seqs: list[Sequence], num_passes: int | None = None) -> SamplingTensors:
+        """The step's sampling inputs. With num_passes (a multi-step decode), fused_seeds holds
+        every pass's seeds [num_passes, B]: pass k draws seeded rows at token index + k and the
+        others k sampler calls later."""
         dev = self.device
         params = [s.params for s in seqs]
         greedy = np.fromiter((p.is_greedy for p in params), dtype=bool, count=len(params))
@@ -409,7 +410,13 @@ class ModelRunner:
             if dev.type == "cuda" and not masked:
                 temps[greedy] = 0.0
                 st.fused_temperatures = host_to_device(temps, dev)
-                st.fused_seeds = host_to_device(self._row_seeds(seqs), dev)
+                seeds = self._row_seeds(seqs)
+                if num_passes is not None:
+                    seeded = np.fromiter((s.seed is not None for s in seqs), dtype=bool, count=len(seqs))
+                    step = np.where(seeded, 1, ROWS_PER_CALL).astype(np.int64)
+                    seeds = seeds[None, :] + np.arange(num_passes, dtype=np.int64)[:, None] * step[None, :]
+                    self._sample_calls += num_passes - 1
+                st.fused_seeds = host_to_device(seeds, dev)
             else:
                 temps[greedy] = 1.0
                 st.temperatures = host_to_device(temps, dev)

@@ -35,6 +35,9 @@ __global__ void __launch_bounds__(kThreads)
   const V* up = reinterpret_cast<const V*>(x + row * x_stride + d);
   V* o = reinterpret_cast<V*>(out + row * d);
   const int nvec = d / VEC;
+  // Launched with launch_pdl (common.cuh): x comes from the kernel before.
+  grid_dependency_wait();
+  allow_dependent_launch();
   for (int idx = blockIdx.y * blockDim.x + threadIdx.x; idx < nvec; idx += gridDim.y * blockDim.x) {
     const V g = gate[idx], u = up[idx];
     V r;
@@ -51,12 +54,9 @@ void launch(T* out, const T* x, int64_t x_stride, int64_t rows, int d) {
   const int nvec = d / VEC;
   const int threads = std::min(kThreads, (nvec + 31) / 32 * 32);
   const dim3 grid(static_cast<unsigned>(rows), std::min((nvec + threads - 1) / threads, 65535));
-  silu_and_mul_kernel<T, VEC>
-      <<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(out, x, x_stride, d);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pdl(silu_and_mul_kernel<T, VEC>, grid, dim3(threads), 0,
+             c10::cuda::getCurrentCUDAStream(), out, x, x_stride, d);
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 

@@ -2,6 +2,11 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
 
 // float32, float16 and bfloat16 only (no double: it would just double the build time).
 #define MYVLLM_DISPATCH_FLOATS(TYPE, NAME, ...)                  \
@@ -36,6 +41,67 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T>
 __device__ __forceinline__ float silu_mul(float gate, float up) {
   return round_to<T>(__fdividef(gate, 1.f + __expf(-gate))) * up;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Programmatic dependent launch (PDL, sm_90+). A kernel launched by launch_pdl may be scheduled
+// while the kernel before it in the stream is still running. Its contract:
+//   - before grid_dependency_wait() it reads only what the previous kernel does not write
+//     (weights, constants, step inputs copied in before the forward) and writes nothing;
+//   - it calls allow_dependent_launch() only after grid_dependency_wait(), so a kernel running
+//     early never overlaps more than the one kernel just before it.
+// Both are no-ops in a kernel launched without the attribute (or below sm_90).
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Hopper and later; read once (one process drives one GPU here).
+inline bool supports_pdl() {
+  static const bool supported = [] {
+    int device = 0, major = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major >= 9;
+  }();
+  return supported;
+}
+
+// Streaming multiprocessors of the current device; read once, like supports_pdl.
+inline int num_sms() {
+  static const int count = [] {
+    int device = 0, sms = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+  }();
+  return count;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with the PDL attribute where supported
+// (captured into CUDA graphs as a programmatic edge).
+template <typename... Params, typename... Args>
+void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute pdl;
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &pdl;
+  config.numAttrs = supports_pdl() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 }  // namespace myvllm

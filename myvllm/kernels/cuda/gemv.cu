@@ -12,17 +12,22 @@
 // Why: at one token a Qwen3 layer is ~11 kernels whose launch and ramp cost more than their
 // bytes; this puts norm + projection (+ activation) into one, and reads the weights faster
 // than cuBLAS does at these shapes (benchmarks/gemv_microbench.py, docs/performance.md). It is
-// launched with programmatic dependent launch: see grid_dependency_wait below.
+// launched with programmatic dependent launch (launch_pdl in common.cuh).
 //
-// Layout: 8 warps per block, one warp per output (per gate/up pair with silu); the lanes of a
-// warp read 16-byte vectors of a weight row side by side, several in flight before the first
-// use; the weights are loaded before the prologue, so their latency overlaps it. Every block
-// stages the (normalised) rows of x in shared memory; block 0 alone writes s.
+// Layout: 8 warps per block; each output (each gate/up pair with silu) is computed by 1, 2, 4
+// or 8 adjacent warps, each over a contiguous piece of K (more pieces while one wave of blocks
+// still holds every output: four for 1,024 outputs); the lanes of a warp read 16-byte vectors
+// of a weight row side by side, several in flight before the first use; the weights are loaded
+// before the prologue, so their latency overlaps it. The grid is at most one wave: every block
+// stages the (normalised) rows of x in shared memory once, then loops over outputs, loading
+// the next one's weights while it reduces the current one (the LM head, 151,936 outputs, reads
+// as fast as cuBLAS that way). Block 0 alone writes s.
 //
 // Numerics follow myvllm/kernels/reference.py composed (fused_add_rms_norm or rms_norm,
 // F.linear, silu_and_mul): float32 arithmetic rounded to T where the unfused ops round (s, the
 // normalised x before the weight, the weight product, the projection output, silu). Only the
-// dot products' summation order differs from cuBLAS.
+// dot products' summation order differs from cuBLAS (it is fixed: the same inputs give the
+// same bits on the same GPU).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -31,6 +36,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -54,6 +60,8 @@ constexpr int in_flight() { return M <= 2 ? 4 : 8; }
 constexpr int kMaxRows = 8;   // rows of x; M (the kernel's row count) is 1, 2, 4 or 8
 constexpr int kMaxSmem = 96 * 1024;  // staged x: M * K * sizeof(T) bytes (opted in past 48 KB)
 
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
 enum Prologue : int { kCopy = 0, kNorm = 1, kAddNorm = 2 };
 
 // 16 bytes of weights, read once per pass: kept out of L1.
@@ -65,19 +73,6 @@ __device__ __forceinline__ V load_stream(const V* p) {
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
       : "l"(p));
   return *reinterpret_cast<V*>(&r);
-}
-
-// griddepcontrol (sm_90+): no-ops when the kernel was launched without the PDL attribute.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
 }
 
 // Stage x (rows < `rows`, zeros above) in xs [M, K] as the prologue PRO sees it. With kAddNorm
@@ -154,101 +149,129 @@ __device__ __forceinline__ void stage_x(T* __restrict__ xs, const T* __restrict_
   __syncthreads();
 }
 
-// Vectors c0, c0 + 32, ... (U of them, those below nvec) of each of the R rows.
+// Vectors c0, c0 + 32, ... (U of them, those below c_end) of each of the R rows.
 template <typename V, int R, int U>
 __device__ __forceinline__ void load_weights(V (&wv)[R][U], const V* const (&wrow)[R],
-                                             bool active, int c0, int nvec) {
+                                             bool active, int c0, int c_end) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int c = c0 + u * 32;
 #pragma unroll
     for (int r = 0; r < R; ++r)
-      if (active && c < nvec) wv[r][u] = load_stream(wrow[r] + c);
+      if (active && c < c_end) wv[r][u] = load_stream(wrow[r] + c);
   }
 }
 
-// out [rows, n_out]. Warp j of the grid computes output column j: the dot products of W's row
-// j (and, with SILU, row j + n_out) with the M staged rows of x.
+// out [rows, n_out]. Output column j is the dot products of W's row j (and, with SILU, row
+// j + n_out) with the M staged rows of x. A block takes kWarps / slices columns at a time, each
+// column's K split into `slices` contiguous pieces over adjacent warps (their sums added in order
+// through shared memory), then moves on by gridDim.x such groups: with a grid of one wave, x is
+// staged once per block however many columns there are.
 template <typename T, int VEC, int M, int PRO, bool SILU>
 __global__ void __launch_bounds__(kThreads, min_blocks<M>())
     gemv_kernel(T* __restrict__ out, T* __restrict__ res_out, const T* __restrict__ x,
                 int64_t x_stride, const T* __restrict__ residual, int64_t res_stride,
                 const T* __restrict__ w, const T* __restrict__ norm_w, float eps, int rows,
-                int n_out, int k) {
+                int n_out, int k, int slices) {
   using V = Vec<T, VEC>;
-  constexpr int R = SILU ? 2 : 1;  // weight rows per warp
+  constexpr int R = SILU ? 2 : 1;  // weight rows per column
   constexpr int U = in_flight<M>() / R;  // vectors of each row per sweep
   extern __shared__ __align__(16) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
-  const int lane = threadIdx.x & 31;
-  const int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  const bool active = j < n_out;
+  __shared__ float slice_sums[kWarps][R][M];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int cols_per_block = kWarps / slices;
+  const int slice = warp % slices;
   const int nvec = k / VEC;
-  const V* wrow[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-    wrow[r] = reinterpret_cast<const V*>(w + static_cast<int64_t>(active ? j + r * n_out : 0) * k);
+  const int chunk = (nvec + slices - 1) / slices;
+  const int c_begin = min(nvec, slice * chunk), c_end = min(nvec, c_begin + chunk);
+  const int col_step = gridDim.x * cols_per_block;
+  int j = blockIdx.x * cols_per_block + warp / slices;
 
+  const V* wrow[R];
+  auto point_at = [&](int col) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      wrow[r] = reinterpret_cast<const V*>(w + static_cast<int64_t>(col < n_out ? col + r * n_out : 0) * k);
+  };
+  point_at(j);
   V wv[R][U];
-  load_weights<V, R, U>(wv, wrow, active, lane, nvec);  // in flight while x is staged
+  load_weights<V, R, U>(wv, wrow, j < n_out, c_begin + lane, c_end);  // in flight while x is staged
   // Programmatic dependent launch: the weights above need nothing from the kernel before this
   // one; x does. Once x may be read, the next kernel may start and prefetch its own weights.
   grid_dependency_wait();
   allow_dependent_launch();
   stage_x<T, VEC, M, PRO>(xs, x, x_stride, residual, res_stride, res_out, norm_w, eps, rows, k);
-  if (!active) return;
 
   const V* xsv = reinterpret_cast<const V*>(xs);
-  float acc[R][M];
+  // Every warp of the block runs the same iterations (the barriers below need it).
+  for (int first = blockIdx.x * cols_per_block; first < n_out; first += col_step, j += col_step) {
+    const bool active = j < n_out;
+    float acc[R][M];
 #pragma unroll
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-  for (int c0 = lane;;) {
+      for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    for (int c0 = c_begin + lane;;) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * 32;
-      if (c < nvec) {
+      for (int u = 0; u < U; ++u) {
+        const int c = c0 + u * 32;
+        if (active && c < c_end) {
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const V xv = xsv[m * nvec + c];
+          for (int m = 0; m < M; ++m) {
+            const V xv = xsv[m * nvec + c];
 #pragma unroll
-          for (int r = 0; r < R; ++r)
+            for (int r = 0; r < R; ++r)
 #pragma unroll
-            for (int e = 0; e < VEC; ++e)
-              acc[r][m] += static_cast<float>(wv[r][u].v[e]) * static_cast<float>(xv.v[e]);
+              for (int e = 0; e < VEC; ++e)
+                acc[r][m] += static_cast<float>(wv[r][u].v[e]) * static_cast<float>(xv.v[e]);
+          }
+        }
+      }
+      c0 += 32 * U;
+      if (c0 - lane >= c_end) break;
+      load_weights<V, R, U>(wv, wrow, active, c0, c_end);
+    }
+    // The next column's first vectors are in flight while this one's sums are reduced.
+    point_at(j + col_step);
+    load_weights<V, R, U>(wv, wrow, j + col_step < n_out, c_begin + lane, c_end);
+
+    float y[R][M];
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) y[r][m] = warp_sum(acc[r][m]);
+    if (slices > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int r = 0; r < R; ++r) slice_sums[warp][r][m] = y[r][m];
+      }
+      __syncthreads();
+      if (slice == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float total = 0.f;
+            for (int s = 0; s < slices; ++s) total += slice_sums[warp + s][r][m];
+            y[r][m] = total;
+          }
+      }
+      __syncthreads();  // slice_sums is written again in the next iteration
+    }
+    if (slice == 0 && lane == 0 && active) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        if (m < rows) {
+          float v = round_to<T>(y[0][m]);  // the projection's output in T
+          if constexpr (SILU) v = silu_mul<T>(v, round_to<T>(y[R - 1][m]));
+          out[m * static_cast<int64_t>(n_out) + j] = static_cast<T>(v);
         }
       }
     }
-    c0 += 32 * U;
-    if (c0 >= nvec) break;
-    load_weights<V, R, U>(wv, wrow, true, c0, nvec);
   }
-
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float y[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) y[r] = warp_sum(acc[r][m]);
-    if (lane == 0 && m < rows) {
-      float v = round_to<T>(y[0]);  // the projection's output in T
-      if constexpr (SILU) v = silu_mul<T>(v, round_to<T>(y[1]));
-      out[m * static_cast<int64_t>(n_out) + j] = static_cast<T>(v);
-    }
-  }
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Hopper and later; read once (one process drives one GPU here).
-bool supports_pdl() {
-  static const bool supported = [] {
-    int device = 0, major = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    return major >= 9;
-  }();
-  return supported;
 }
 
 template <typename T, int M, int PRO, bool SILU>
@@ -264,21 +287,23 @@ void launch_m(T* out, T* res_out, const T* x, int64_t x_stride, const T* residua
     return true;
   }();
   (void)opted_in;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((n_out + kWarps - 1) / kWarps);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = c10::cuda::getCurrentCUDAStream();
-  // Programmatic dependent launch (sm_90+; captured into CUDA graphs as such): this kernel may
-  // be scheduled before the previous one ends; it waits for it before reading x (see above).
-  cudaLaunchAttribute pdl;
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &pdl;
-  config.numAttrs = supports_pdl() ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, out, res_out, x, x_stride, residual,
-                                    res_stride, w, norm_w, eps, rows, n_out, k));
+  const int slots = num_sms() * min_blocks<M>();  // blocks resident at once
+  const int nvec = k / kVec;
+  // Split K over more warps while one wave still holds every block and each piece of K still
+  // gives every lane a vector: the 1,024-column projections of Qwen3-0.6B (o, down) get four
+  // warps per column, 512 blocks, instead of 128 blocks with too few loads in flight.
+  int slices = 1;
+  while (slices < kWarps && nvec / (2 * slices) >= 32 &&
+         ceil_div(n_out, kWarps / (2 * slices)) <= slots)
+    slices *= 2;
+  const int blocks = std::min(ceil_div(n_out, kWarps / slices), slots);
+  // Programmatic dependent launch: this kernel may be scheduled before the previous one ends; it
+  // waits for it before reading x (see gemv_kernel).
+  launch_pdl(kernel, dim3(blocks), dim3(kThreads), smem, c10::cuda::getCurrentCUDAStream(), out,
+             res_out, x, x_stride, residual, res_stride, w, norm_w, eps, rows, n_out, k, slices);
 }
+
+int padded_rows(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
 template <typename T, int PRO, bool SILU>
 void launch(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
@@ -288,13 +313,13 @@ void launch(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
     launch_m<T, decltype(m_c)::value, PRO, SILU>(out, res_out, x, x_stride, residual, res_stride,
                                                  w, norm_w, eps, rows, n_out, k);
   };
-  if (rows == 1) run(std::integral_constant<int, 1>{});
-  else if (rows == 2) run(std::integral_constant<int, 2>{});
-  else if (rows <= 4) run(std::integral_constant<int, 4>{});
-  else run(std::integral_constant<int, 8>{});
+  switch (padded_rows(rows)) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    default: run(std::integral_constant<int, 8>{});
+  }
 }
-
-int padded_rows(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
 void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.device() == x.device(), "gemv: ", name, " must be on x's device");

@@ -53,12 +53,20 @@ __global__ void __launch_bounds__(kMaxThreads)
   const V* wv = reinterpret_cast<const V*>(weight);
   float vals[ITEMS][VEC];
   V w[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = threadIdx.x + i * blockDim.x;
+    if (idx < nvec) w[i] = wv[idx];
+  }
+  // Launched with launch_pdl (common.cuh): the weight above may be read while the previous kernel
+  // runs; x and the residual may not.
+  grid_dependency_wait();
+  allow_dependent_launch();
   float sumsq = 0.f;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = threadIdx.x + i * blockDim.x;
     if (idx >= nvec) break;
-    w[i] = wv[idx];
     const V a = xv[idx];
     if constexpr (ADD) {
       const V b = reinterpret_cast<const V*>(res + row * res_stride)[idx];
@@ -92,8 +100,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T, int VEC, bool ADD>
 void launch_vec(T* out, T* res_out, const T* x, const T* res, const T* w, int64_t x_stride,
                 int64_t res_stride, int64_t rows, int n, float eps, cudaStream_t stream) {
@@ -106,14 +112,13 @@ void launch_vec(T* out, T* res_out, const T* x, const T* res, const T* w, int64_
   TORCH_CHECK(items <= kMaxItems, "rms_norm: rows of ", n, " elements are too long");
   const dim3 grid(static_cast<unsigned>(rows));
   auto run = [&](auto items_c) {
-    rms_norm_kernel<T, VEC, decltype(items_c)::value, ADD><<<grid, threads, 0, stream>>>(
-        out, res_out, x, res, w, x_stride, res_stride, n, eps);
+    launch_pdl(rms_norm_kernel<T, VEC, decltype(items_c)::value, ADD>, grid, dim3(threads), 0,
+               stream, out, res_out, x, res, w, x_stride, res_stride, n, eps);
   };
   if (items == 1) run(std::integral_constant<int, 1>{});
   else if (items == 2) run(std::integral_constant<int, 2>{});
   else if (items <= 4) run(std::integral_constant<int, 4>{});
   else if constexpr (kMaxItems == 8) run(std::integral_constant<int, 8>{});
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool ADD>

@@ -62,12 +62,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int lane = threadIdx.x & 31;
   const int64_t t = row / heads;
   const int h = static_cast<int>(row % heads);
+  // Launched with launch_pdl (common.cuh): positions, slots, weights and cos/sin are read while
+  // the previous kernel (the qkv projection) may still run; q, k and v only after it ends.
   const int64_t slot = kStore ? store.slot_mapping[t] : -1;
   if (kStore && h >= num_heads + num_kv_heads) {  // a V row: copy it into the cache
     if (slot < 0) return;
     const int kvh = h - num_heads - num_kv_heads;
     const T* src = store.v + t * store.v_stride_t + kvh * store.v_stride_h;
     T* dst = store.v_cache + (slot * num_kv_heads + kvh) * D;
+    grid_dependency_wait();
+    allow_dependent_launch();
 #pragma unroll
     for (int j = lane; j < D; j += 32) dst[j] = src[j];
     return;
@@ -80,19 +84,25 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
                 : k_out + (t * num_kv_heads + (h - num_heads)) * D;
   const T* weight = is_q ? q_weight : k_weight;
 
-  // Issue every load (x, weight, cos/sin) before the reduction so their latencies overlap.
+  // Issue every load (weight, cos/sin, then x) before the reduction so their latencies overlap.
   const C* cs = cos_sin_cache + positions[t] * D;  // cos in [0, D/2), sin in [D/2, D)
   float x1[kPairs], x2[kPairs], w1[kPairs], w2[kPairs], c[kPairs], s[kPairs];
+#pragma unroll
+  for (int p = 0; p < kPairs; ++p) {
+    const int j = lane + 32 * p;
+    w1[p] = static_cast<float>(weight[j]);
+    w2[p] = static_cast<float>(weight[kHalf + j]);
+    c[p] = round_to<T>(static_cast<float>(cs[j]));
+    s[p] = round_to<T>(static_cast<float>(cs[kHalf + j]));
+  }
+  grid_dependency_wait();
+  allow_dependent_launch();
   float sumsq = 0.f;
 #pragma unroll
   for (int p = 0; p < kPairs; ++p) {
     const int j = lane + 32 * p;
     x1[p] = static_cast<float>(src[j]);
     x2[p] = static_cast<float>(src[kHalf + j]);
-    w1[p] = static_cast<float>(weight[j]);
-    w2[p] = static_cast<float>(weight[kHalf + j]);
-    c[p] = round_to<T>(static_cast<float>(cs[j]));
-    s[p] = round_to<T>(static_cast<float>(cs[kHalf + j]));
     sumsq += x1[p] * x1[p] + x2[p] * x2[p];
   }
   sumsq = warp_sum(sumsq);
@@ -125,12 +135,12 @@ void launch(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at:
   const auto blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto run = [&](auto d_c) {
-    qk_norm_rope_kernel<T, C, decltype(d_c)::value, kStore>
-        <<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-            q_out.data_ptr<T>(), k_out.data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-            q_weight.const_data_ptr<T>(), k_weight.const_data_ptr<T>(),
-            positions.const_data_ptr<int64_t>(), cache.const_data_ptr<C>(), q.stride(0),
-            q.stride(1), k.stride(0), k.stride(1), num_tokens, num_heads, num_kv_heads, eps, store);
+    launch_pdl(qk_norm_rope_kernel<T, C, decltype(d_c)::value, kStore>, dim3(blocks),
+               dim3(kWarpsPerBlock * 32), 0, stream, q_out.data_ptr<T>(), k_out.data_ptr<T>(),
+               q.const_data_ptr<T>(), k.const_data_ptr<T>(), q_weight.const_data_ptr<T>(),
+               k_weight.const_data_ptr<T>(), positions.const_data_ptr<int64_t>(),
+               cache.const_data_ptr<C>(), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+               num_tokens, num_heads, num_kv_heads, eps, store);
   };
   switch (q.size(2)) {
     case 64: run(std::integral_constant<int, 64>{}); break;
@@ -138,7 +148,6 @@ void launch(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at:
     case 256: run(std::integral_constant<int, 256>{}); break;
     default: TORCH_CHECK(false, "qk_norm_rope: unsupported head_dim ", q.size(2));
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight,
