@@ -16,6 +16,11 @@ B=128: 90.6% vs 87.7%, B=256: 91.5% vs 94.4%), so the engine uses equal shares.
 Stage 2, grid `(B, H)`: merges the splits of one head by their log-sum-exp into out.
 With one split (large batches) stage 1 writes out itself and stage 2 is not launched.
 
+On sm_90+ both stages go out with programmatic dependent launch (see launches_pdl). Two
+variants measured slower at batch 1 in the engine and were dropped (docs/performance.md,
+runs V and X): merging in stage 1 (the last split program to finish merges, counted by an
+atomic), and loading each split's first KV tile before the wait for the kernel before.
+
 The launch reads no device data on the host and its grid depends only on B and
 num_splits, so it can be captured in a CUDA graph and replayed with new seq_lens and
 block tables. A sequence with seq_len 0 (graph padding) reads nothing and yields zeros.
