@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from myvllm.capture.capture_util import capture
 from myvllm.kernels import reference
 from myvllm.kernels.cuda.build import load_cuda_ops
 
@@ -84,19 +85,6 @@ def cuda_kernels() -> None:
         pytest.fail("the CUDA kernels failed to build; see the INFO log")
 
 
-def capture(fn: Callable, args: tuple, calls: int) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn(*args)
-    return graph
-
-
 @pytest.mark.parametrize("mode", ["graph", "eager"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("num_tokens", TOKENS)
@@ -122,7 +110,7 @@ def test_bench(
     torch.cuda.synchronize()
 
     if mode == "graph":
-        graph = capture(fn, args, CALLS_PER_GRAPH)
+        graph = capture(lambda: fn(*args), CALLS_PER_GRAPH)
         calls = CALLS_PER_GRAPH
 
         def run() -> None:

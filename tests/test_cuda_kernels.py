@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 
+from myvllm.capture.capture_util import capture_outputs
 from myvllm.kernels import reference
 from myvllm.kernels.cuda import build
 from myvllm.kernels.fused_ops import FusedOps
@@ -297,14 +298,7 @@ def decoder_inputs(num_tokens: int, dtype: torch.dtype) -> list[torch.Tensor]:
 def test_ops_replay_in_cuda_graph(ops: FusedOps) -> None:
     dtype, num_tokens = torch.bfloat16, 8
     static = decoder_inputs(num_tokens, dtype)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up off the capture stream, as torch advises
-        decoder_step(ops, *static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = decoder_step(ops, *static)
+    graph, outs = capture_outputs(lambda: decoder_step(ops, *static))
     for _ in range(2):  # fresh inputs each replay, written into the captured buffers
         fresh = decoder_inputs(num_tokens, dtype)
         for dst, src in zip(static, fresh):

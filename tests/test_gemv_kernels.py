@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from test_cuda_kernels import EPS, assert_matches, norm_weight, poison_allocator
 
+from myvllm.capture.capture_util import capture_outputs
 from myvllm.kernels import reference
 from myvllm.kernels.fused_ops import GEMV_MAX_ROWS, GEMV_ROWS, FusedOps, gemv_fits
 
@@ -181,14 +182,7 @@ def test_gemv_replays_in_cuda_graph(ops: FusedOps) -> None:
         act, residual = ops.add_norm_linear(x, residual, nw, EPS, w_gate_up, silu=True)
         return ops.linear(act, w_down), residual
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step(*static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step(*static)
+    graph, outs = capture_outputs(lambda: step(*static))
     reference_ops = FusedOps(False, "cuda")
     for _ in range(2):
         fresh = [torch.randn_like(t) for t in static]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def capture(fn: Callable[[], object], calls: int = 1) -> torch.cuda.CUDAGraph:
@@ -20,3 +23,10 @@ def capture(fn: Callable[[], object], calls: int = 1) -> torch.cuda.CUDAGraph:
         for _ in range(calls):
             fn()
     return graph
+
+
+def capture_outputs(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """capture(fn) and what fn returned inside the capture: the tensors each replay rewrites."""
+    returned: list[T] = []
+    graph = capture(lambda: returned.append(fn()))
+    return graph, returned[-1]  # [-1]: the captured call's, after the warm-up's
