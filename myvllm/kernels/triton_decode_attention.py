@@ -29,6 +29,7 @@ block tables. A sequence with seq_len 0 (graph padding) reads nothing and yields
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,6 +42,26 @@ MAX_SPLITS = 16
 
 
 @triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """x (float32) rounded to DTYPE and back: where the unfused ops round."""
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _norm_rope(x1, x2, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr):
+    """Per-row RMSNorm over both halves [R, D/2] (float32) with weight halves w1, w2 [D/2], then
+    neox rotary with cos, sin [1, D/2] (already rounded to DTYPE) -> the two halves in DTYPE.
+    Rounds where reference.rms_norm and reference.apply_rotary do (see qk_norm_rope.cu)."""
+    sumsq = tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)
+    inv_rms = tl.math.rsqrt(sumsq / HEAD_DIM + eps)[:, None]
+    n1 = _round(w1[None, :] * _round(x1 * inv_rms, DTYPE), DTYPE)
+    n2 = _round(w2[None, :] * _round(x2 * inv_rms, DTYPE), DTYPE)
+    out1 = _round(n1 * cos, DTYPE) - _round(n2 * sin, DTYPE)
+    out2 = _round(n2 * cos, DTYPE) + _round(n1 * sin, DTYPE)
+    return out1.to(DTYPE), out2.to(DTYPE)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [B, H, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -50,6 +71,21 @@ def _decode_split_kernel(
     partial_out_ptr,  # [B_max, H, S_max, D] float32
     partial_lse_ptr,  # [B_max, H, S_max] float32
     out_ptr,  # [B, H, D]: written directly when NUM_SPLITS == 1
+    # With FUSE_NEW_KV only (see NewTokenKV): q is the raw projection; these are the step's
+    # raw K and V [B, Hkv, D], the norm weights [D], positions [B] int64, the rotary cache
+    # [P, D] and the cache slots [B] int64 of the new token.
+    k_new_ptr,
+    v_new_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    positions_ptr,
+    cos_sin_ptr,
+    slot_mapping_ptr,
+    eps,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -72,13 +108,31 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,  # cache block size
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FUSE_NEW_KV: tl.constexpr,  # normalise and rotate q and the new K, and store the new K/V
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (see launches_pdl)
 ):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     kv_head = tl.program_id(0)  # the KV heads of one token are adjacent in the cache: their
     seq = tl.program_id(1)  # programs run side by side and read neighbouring memory
     split = tl.program_id(2)
+    seq64 = seq.to(tl.int64)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_h = tl.arange(0, HALF)  # q and K are handled as two halves: the rotary pairs (j, j + D/2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
 
-    seq_len = tl.load(seq_lens_ptr + seq)  # a step input: may be read before the wait
+    # Step inputs and weights: may be read before the wait.
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if FUSE_NEW_KV:
+        position = tl.load(positions_ptr + seq64)
+        slot = tl.load(slot_mapping_ptr + seq64)
+        cos = _round(tl.load(cos_sin_ptr + position * HEAD_DIM + offs_h).to(tl.float32), DTYPE)[None, :]
+        sin = _round(tl.load(cos_sin_ptr + position * HEAD_DIM + HALF + offs_h).to(tl.float32), DTYPE)[None, :]
+        qw1 = tl.load(q_norm_ptr + offs_h).to(tl.float32)
+        qw2 = tl.load(q_norm_ptr + HALF + offs_h).to(tl.float32)
+        kw1 = tl.load(k_norm_ptr + offs_h).to(tl.float32)
+        kw2 = tl.load(k_norm_ptr + HALF + offs_h).to(tl.float32)
     if USE_PDL:  # q and the newest K/V come from the kernel before
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -86,20 +140,25 @@ def _decode_split_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
     group_mask = offs_g < GROUP
     heads = kv_head * GROUP + offs_g  # [G] query heads of this KV head
-    q = tl.load(
-        q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=group_mask[:, None],
-        other=0.0,
-    )  # [G, D]
+    q_rows = q_ptr + seq64 * stride_qb + heads[:, None] * stride_qh
+    q1 = tl.load(q_rows + offs_h[None, :], mask=group_mask[:, None], other=0.0)  # [G, D/2]
+    q2 = tl.load(q_rows + HALF + offs_h[None, :], mask=group_mask[:, None], other=0.0)
 
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    bt_row = block_tables_ptr + seq64 * stride_bt
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_cache_head
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_cache_head
+    if FUSE_NEW_KV:
+        # The new token (position seq_len - 1) is not in the cache yet: the split that covers
+        # it takes its K and V from registers, and writes them to the cache for later steps.
+        q1, q2 = _norm_rope(q1.to(tl.float32), q2.to(tl.float32), qw1, qw2, cos, sin, eps, HEAD_DIM, DTYPE)
+        k_row = k_new_ptr + seq64 * stride_kb + kv_head * stride_kh
+        new_k1, new_k2 = _norm_rope(tl.load(k_row + offs_h)[None, :].to(tl.float32),
+                                    tl.load(k_row + HALF + offs_h)[None, :].to(tl.float32),
+                                    kw1, kw2, cos, sin, eps, HEAD_DIM, DTYPE)  # [1, D/2]
+        new_v = tl.load(v_new_ptr + seq64 * stride_vb + kv_head * stride_vh + offs_d)[None, :]  # [1, D]
+        new_token = seq_len - 1
 
     m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -109,9 +168,17 @@ def _decode_split_kernel(
         kv_off = kv_token_offsets(
             bt_row, start_n, offs_n, token_mask, stride_cache_block, stride_cache_token, BLOCK_SIZE, BLOCK_N
         )
-        k = tl.load(k_base + kv_off[:, None] + offs_d[None, :], mask=token_mask[:, None], other=0.0)
+        k_tile = k_base + kv_off[:, None]
+        k1 = tl.load(k_tile + offs_h[None, :], mask=token_mask[:, None], other=0.0)  # [BN, D/2]
+        k2 = tl.load(k_tile + HALF + offs_h[None, :], mask=token_mask[:, None], other=0.0)
         v = tl.load(v_base + kv_off[:, None] + offs_d[None, :], mask=token_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, BN]
+        if FUSE_NEW_KV:
+            is_new = (start_n + offs_n == new_token)[:, None]
+            k1 = tl.where(is_new, new_k1, k1)
+            k2 = tl.where(is_new, new_k2, k2)
+            v = tl.where(is_new, new_v, v)
+        qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        qk = tl.dot(q2, tl.trans(k2), acc=qk, input_precision=DOT_PRECISION) * qk_scale  # [G, BN]
         qk = tl.where(token_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -120,20 +187,25 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=DOT_PRECISION)
         m_i = m_new
+    if FUSE_NEW_KV:  # after the loop, which must not (and does not) depend on this store
+        if (start <= new_token) & (new_token < end) & (slot >= 0):
+            dst = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_token
+            tl.store(k_base + dst + offs_h[None, :], new_k1)
+            tl.store(k_base + dst + HALF + offs_h[None, :], new_k2)
+            tl.store(v_base + dst + offs_d[None, :], new_v)
 
     # An empty split writes only lse = -inf (the merge then reads nothing else of it).
     nonempty = l_i > 0.0
     acc = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:  # the whole context in one program: no merge (an empty one gives zeros)
         tl.store(
-            out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            out_ptr + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
             acc.to(out_ptr.dtype.element_ty),
             mask=group_mask[:, None],
         )
         return
     lse = (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453  # ln(2): natural-log lse
     lse = tl.where(nonempty, lse, float("-inf"))
-    seq64 = seq.to(tl.int64)
     tl.store(
         partial_out_ptr
         + seq64 * stride_pob
@@ -263,6 +335,32 @@ def allocate_decode_workspace(
     return partial_out, partial_lse
 
 
+@dataclass(frozen=True)
+class NewTokenKV:
+    """The step's new token, for decode_attention to finish and store: with it q is the raw
+    projection, and the split kernel applies per-head RMSNorm and neox rotary to q and to the
+    new K (as reference.qk_norm_rope does) and writes K and V into the caches at slot_mapping.
+    This saves the separate norm + rotary + store kernel of a decode step."""
+
+    k: torch.Tensor  # [B, Hkv, D], unit stride on D (a view of the packed qkv is fine)
+    v: torch.Tensor  # [B, Hkv, D]
+    q_norm_weight: torch.Tensor  # [D]
+    k_norm_weight: torch.Tensor  # [D]
+    eps: float
+    positions: torch.Tensor  # [B] int64
+    cos_sin_cache: torch.Tensor  # [max_position, D]: cos in the first half, sin in the second
+    slot_mapping: torch.Tensor  # [B] int64; -1: store nothing
+
+
+def _new_kv_args(new_kv: NewTokenKV | None, q: torch.Tensor, seq_lens: torch.Tensor) -> tuple:
+    """The split kernel's arguments from k_new_ptr to stride_vh."""
+    if new_kv is None:  # placeholders of the right kinds: the kernel compiles their uses out
+        return q, q, q, q, seq_lens, q, seq_lens, 0.0, 0, 0, 0, 0
+    return (new_kv.k, new_kv.v, new_kv.q_norm_weight.contiguous(), new_kv.k_norm_weight.contiguous(),
+            new_kv.positions, new_kv.cos_sin_cache, new_kv.slot_mapping, new_kv.eps, new_kv.k.stride(0),
+            new_kv.k.stride(1), new_kv.v.stride(0), new_kv.v.stride(1))
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -276,6 +374,7 @@ def decode_attention(
     num_splits: int,
     min_split_len: int = 0,
     config: tuple[int, int, int] | None = None,
+    new_kv: NewTokenKV | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV; writes and returns out `[B, H, D]`.
 
@@ -284,7 +383,8 @@ def decode_attention(
     partial_out `[B_max, H, S_max, D]` / partial_lse `[B_max, H, S_max]` float32 workspace
     with B_max >= B and S_max >= num_splits. min_split_len (rounded up to the KV tile) is
     the fewest tokens a non-empty split covers. config (BLOCK_N, num_warps, num_stages)
-    overrides decode_config (for measurements).
+    overrides decode_config (for measurements). With new_kv, q is not yet normalised or
+    rotated and the new token's K/V are not yet in the caches (see NewTokenKV).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -299,6 +399,14 @@ def decode_attention(
     assert partial_out.shape[3] == head_dim and partial_out.stride(3) == 1
     assert 1 <= num_splits <= partial_out.shape[2] and num_splits <= partial_lse.shape[2]
     assert partial_lse.shape[:2] == partial_out.shape[:2] and partial_lse.stride(2) == 1
+    if new_kv is not None:
+        assert new_kv.k.shape == new_kv.v.shape == (batch, num_kv_heads, head_dim)
+        assert new_kv.k.stride(-1) == 1 and new_kv.v.stride(-1) == 1
+        assert new_kv.q_norm_weight.shape == new_kv.k_norm_weight.shape == (head_dim,)
+        assert new_kv.cos_sin_cache.shape[1] == head_dim and new_kv.cos_sin_cache.is_contiguous()
+        assert new_kv.positions.shape == new_kv.slot_mapping.shape == (batch,)
+        assert new_kv.positions.dtype == new_kv.slot_mapping.dtype == torch.int64
+        assert k_cache.is_contiguous()  # slot -> (block, offset) in the kernel
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
@@ -314,6 +422,7 @@ def decode_attention(
         partial_out,
         partial_lse,
         out,
+        *_new_kv_args(new_kv, q, seq_lens),
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -336,6 +445,7 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FUSE_NEW_KV=new_kv is not None,
         USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
