@@ -13,6 +13,12 @@ past a sequence's end exit at once). On an H100 with context lengths spread over
 100..2048 this measured the same as equal shares (B=64: 88.5% vs 88.4% of 3 TB/s,
 B=128: 90.6% vs 87.7%, B=256: 91.5% vs 94.4%), so the engine uses equal shares.
 
+With NewTokenKV (the engine's decode steps), stage 1 also does the work of the q/k norm +
+rotary + KV store kernel that would otherwise run before it: each program normalises and
+rotates its q rows (every split of a sequence does, it is a few hundred FLOPs), walks the
+cached tokens only, and folds the new token in from registers after its loop; the program
+whose split covers the new position writes its K and V into the cache.
+
 Stage 2, grid `(B, H)`: merges the splits of one head by their log-sum-exp into out.
 With one split (large batches) stage 1 writes out itself and stage 2 is not launched.
 
@@ -48,17 +54,26 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope(x1, x2, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr):
-    """Per-row RMSNorm over both halves [R, D/2] (float32) with weight halves w1, w2 [D/2], then
-    neox rotary with cos, sin [1, D/2] (already rounded to DTYPE) -> the two halves in DTYPE.
-    Rounds where reference.rms_norm and reference.apply_rotary do (see qk_norm_rope.cu)."""
-    sumsq = tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)
-    inv_rms = tl.math.rsqrt(sumsq / HEAD_DIM + eps)[:, None]
-    n1 = _round(w1[None, :] * _round(x1 * inv_rms, DTYPE), DTYPE)
-    n2 = _round(w2[None, :] * _round(x2 * inv_rms, DTYPE), DTYPE)
-    out1 = _round(n1 * cos, DTYPE) - _round(n2 * sin, DTYPE)
-    out2 = _round(n2 * cos, DTYPE) + _round(n1 * sin, DTYPE)
-    return out1.to(DTYPE), out2.to(DTYPE)
+def _norm_rope(x_ptrs, mask, weight_ptr, cos_sin_ptr, position, eps, HEAD_DIM: tl.constexpr,
+               DTYPE: tl.constexpr):
+    """Rows [R, D] at x_ptrs (pointers to element 0 of each row, [R, 1]): per-row RMSNorm with
+    weight [D], then neox rotary at `position` -> [R, D] in DTYPE. Rounds where
+    reference.rms_norm and reference.apply_rotary do (see qk_norm_rope.cu). The rotary partner
+    of element d (d + D/2, or d - D/2) is read by a second, permuted load, which keeps the rows
+    whole for tl.dot."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs = tl.arange(0, HEAD_DIM)
+    partner = (offs + HALF) % HEAD_DIM
+    x = tl.load(x_ptrs + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(x_ptrs + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    inv_rms = tl.math.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
+    n = _round(tl.load(weight_ptr + offs).to(tl.float32)[None, :] * _round(x * inv_rms, DTYPE), DTYPE)
+    n_partner = _round(tl.load(weight_ptr + partner).to(tl.float32)[None, :] * _round(x_partner * inv_rms, DTYPE),
+                       DTYPE)
+    cos = _round(tl.load(cos_sin_ptr + position * HEAD_DIM + offs % HALF).to(tl.float32), DTYPE)[None, :]
+    sin = _round(tl.load(cos_sin_ptr + position * HEAD_DIM + HALF + offs % HALF).to(tl.float32), DTYPE)[None, :]
+    rotated = tl.where(offs[None, :] < HALF, -n_partner, n_partner)  # rotate_half(n)
+    return (_round(n * cos, DTYPE) + _round(rotated * sin, DTYPE)).to(DTYPE)
 
 
 @triton.jit
@@ -111,28 +126,15 @@ def _decode_split_kernel(
     FUSE_NEW_KV: tl.constexpr,  # normalise and rotate q and the new K, and store the new K/V
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (see launches_pdl)
 ):
-    HALF: tl.constexpr = HEAD_DIM // 2
     DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     kv_head = tl.program_id(0)  # the KV heads of one token are adjacent in the cache: their
     seq = tl.program_id(1)  # programs run side by side and read neighbouring memory
     split = tl.program_id(2)
     seq64 = seq.to(tl.int64)
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_h = tl.arange(0, HALF)  # q and K are handled as two halves: the rotary pairs (j, j + D/2)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
 
-    # Step inputs and weights: may be read before the wait.
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)  # step inputs: may be read before the wait
     if FUSE_NEW_KV:
         position = tl.load(positions_ptr + seq64)
-        slot = tl.load(slot_mapping_ptr + seq64)
-        cos = _round(tl.load(cos_sin_ptr + position * HEAD_DIM + offs_h).to(tl.float32), DTYPE)[None, :]
-        sin = _round(tl.load(cos_sin_ptr + position * HEAD_DIM + HALF + offs_h).to(tl.float32), DTYPE)[None, :]
-        qw1 = tl.load(q_norm_ptr + offs_h).to(tl.float32)
-        qw2 = tl.load(q_norm_ptr + HALF + offs_h).to(tl.float32)
-        kw1 = tl.load(k_norm_ptr + offs_h).to(tl.float32)
-        kw2 = tl.load(k_norm_ptr + HALF + offs_h).to(tl.float32)
     if USE_PDL:  # q and the newest K/V come from the kernel before
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -140,45 +142,37 @@ def _decode_split_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
     group_mask = offs_g < GROUP
     heads = kv_head * GROUP + offs_g  # [G] query heads of this KV head
     q_rows = q_ptr + seq64 * stride_qb + heads[:, None] * stride_qh
-    q1 = tl.load(q_rows + offs_h[None, :], mask=group_mask[:, None], other=0.0)  # [G, D/2]
-    q2 = tl.load(q_rows + HALF + offs_h[None, :], mask=group_mask[:, None], other=0.0)
+    if FUSE_NEW_KV:
+        q = _norm_rope(q_rows, group_mask[:, None], q_norm_ptr, cos_sin_ptr, position, eps, HEAD_DIM, DTYPE)
+        # The new token (position seq_len - 1) is not in the cache yet: the loop stops short of
+        # it, and the split that covers it adds it from registers after the loop.
+        new_token = seq_len - 1
+        loop_end = tl.minimum(end, new_token)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=group_mask[:, None], other=0.0)  # [G, D]
+        loop_end = end
 
     bt_row = block_tables_ptr + seq64 * stride_bt
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_cache_head
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_cache_head
-    if FUSE_NEW_KV:
-        # The new token (position seq_len - 1) is not in the cache yet: the split that covers
-        # it takes its K and V from registers, and writes them to the cache for later steps.
-        q1, q2 = _norm_rope(q1.to(tl.float32), q2.to(tl.float32), qw1, qw2, cos, sin, eps, HEAD_DIM, DTYPE)
-        k_row = k_new_ptr + seq64 * stride_kb + kv_head * stride_kh
-        new_k1, new_k2 = _norm_rope(tl.load(k_row + offs_h)[None, :].to(tl.float32),
-                                    tl.load(k_row + HALF + offs_h)[None, :].to(tl.float32),
-                                    kw1, kw2, cos, sin, eps, HEAD_DIM, DTYPE)  # [1, D/2]
-        new_v = tl.load(v_new_ptr + seq64 * stride_vb + kv_head * stride_vh + offs_d)[None, :]  # [1, D]
-        new_token = seq_len - 1
 
     m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        token_mask = start_n + offs_n < end
+    for start_n in range(start, loop_end, BLOCK_N):
+        token_mask = start_n + offs_n < loop_end
         kv_off = kv_token_offsets(
             bt_row, start_n, offs_n, token_mask, stride_cache_block, stride_cache_token, BLOCK_SIZE, BLOCK_N
         )
-        k_tile = k_base + kv_off[:, None]
-        k1 = tl.load(k_tile + offs_h[None, :], mask=token_mask[:, None], other=0.0)  # [BN, D/2]
-        k2 = tl.load(k_tile + HALF + offs_h[None, :], mask=token_mask[:, None], other=0.0)
+        k = tl.load(k_base + kv_off[:, None] + offs_d[None, :], mask=token_mask[:, None], other=0.0)
         v = tl.load(v_base + kv_off[:, None] + offs_d[None, :], mask=token_mask[:, None], other=0.0)
-        if FUSE_NEW_KV:
-            is_new = (start_n + offs_n == new_token)[:, None]
-            k1 = tl.where(is_new, new_k1, k1)
-            k2 = tl.where(is_new, new_k2, k2)
-            v = tl.where(is_new, new_v, v)
-        qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-        qk = tl.dot(q2, tl.trans(k2), acc=qk, input_precision=DOT_PRECISION) * qk_scale  # [G, BN]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, BN]
         qk = tl.where(token_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -187,11 +181,26 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=DOT_PRECISION)
         m_i = m_new
-    if FUSE_NEW_KV:  # after the loop, which must not (and does not) depend on this store
-        if (start <= new_token) & (new_token < end) & (slot >= 0):
+
+    if FUSE_NEW_KV:
+        k_row = k_new_ptr + seq64 * stride_kb + kv_head * stride_kh + tl.zeros([1, 1], dtype=tl.int64)
+        row_mask = tl.full([1, 1], 1, tl.int1)
+        new_k = _norm_rope(k_row, row_mask, k_norm_ptr, cos_sin_ptr, position, eps, HEAD_DIM, DTYPE)  # [1, D]
+        new_v = tl.load(v_new_ptr + seq64 * stride_vb + kv_head * stride_vh + offs_d)[None, :]  # [1, D]
+        owns_new = (start <= new_token) & (new_token < end)
+        # One more online-softmax step, over the new token alone (p rounded as the loop rounds it).
+        qk_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32), 1) * qk_scale  # [G]
+        qk_new = tl.where(owns_new, qk_new, float("-inf"))
+        m_new = tl.maximum(m_i, qk_new)
+        alpha = tl.exp2(m_i - m_new)
+        p_new = tl.exp2(qk_new - m_new)
+        l_i = l_i * alpha + p_new
+        acc = acc * alpha[:, None] + _round(p_new, DTYPE)[:, None] * new_v.to(tl.float32)
+        m_i = m_new
+        slot = tl.load(slot_mapping_ptr + seq64)
+        if owns_new & (slot >= 0):  # and into the cache for the steps after this one
             dst = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_token
-            tl.store(k_base + dst + offs_h[None, :], new_k1)
-            tl.store(k_base + dst + HALF + offs_h[None, :], new_k2)
+            tl.store(k_base + dst + offs_d[None, :], new_k)
             tl.store(v_base + dst + offs_d[None, :], new_v)
 
     # An empty split writes only lse = -inf (the merge then reads nothing else of it).

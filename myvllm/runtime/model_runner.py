@@ -368,16 +368,23 @@ class ModelRunner:
         for seq_id in seq_ids:
             self.seq_generators.pop(seq_id, None)
 
-    def _row_seeds(self, seqs: list[Sequence]) -> np.ndarray:
-        """Philox seeds of the fused sampler: a seeded sequence's depend only on its seed and
-        its token index; the others on the engine seed and a per-call counter."""
+    def _row_seeds(self, seqs: list[Sequence], num_passes: int | None = None) -> np.ndarray:
+        """Philox seeds of the fused sampler [B]: a seeded sequence's depend only on its seed and
+        its token index; the others on the engine seed and a per-call counter. With num_passes
+        (a multi-step decode), every pass's seeds [num_passes, B]: pass k draws seeded rows at
+        token index + k and the others k sampler calls later."""
         self._sample_calls += 1
         base = (self.config.seed * SEED_MIX + self._sample_calls * ROWS_PER_CALL) & SEED_MASK
         seeds = np.arange(base, base + len(seqs), dtype=np.int64)
         for i, s in enumerate(seqs):
             if s.seed is not None:
                 seeds[i] = (s.seed * SEED_MIX + s.num_output_tokens) & SEED_MASK
-        return seeds
+        if num_passes is None:
+            return seeds
+        seeded = np.fromiter((s.seed is not None for s in seqs), dtype=bool, count=len(seqs))
+        step = np.where(seeded, 1, ROWS_PER_CALL).astype(np.int64)
+        self._sample_calls += num_passes - 1
+        return seeds[None, :] + np.arange(num_passes, dtype=np.int64)[:, None] * step[None, :]
 
     def _masked_sampling_tensors(self, st: SamplingTensors, seqs: list[Sequence], greedy: np.ndarray) -> None:
         """Inputs of the torch sampling path (top-k / top-p / min-p, generators for seeds)."""
@@ -397,8 +404,7 @@ class ModelRunner:
 
     def sampling_tensors(self, seqs: list[Sequence], num_passes: int | None = None) -> SamplingTensors:
         """The step's sampling inputs. With num_passes (a multi-step decode), fused_seeds holds
-        every pass's seeds [num_passes, B]: pass k draws seeded rows at token index + k and the
-        others k sampler calls later."""
+        every pass's seeds [num_passes, B] (see _row_seeds)."""
         dev = self.device
         params = [s.params for s in seqs]
         greedy = np.fromiter((p.is_greedy for p in params), dtype=bool, count=len(params))
@@ -410,13 +416,7 @@ class ModelRunner:
             if dev.type == "cuda" and not masked:
                 temps[greedy] = 0.0
                 st.fused_temperatures = host_to_device(temps, dev)
-                seeds = self._row_seeds(seqs)
-                if num_passes is not None:
-                    seeded = np.fromiter((s.seed is not None for s in seqs), dtype=bool, count=len(seqs))
-                    step = np.where(seeded, 1, ROWS_PER_CALL).astype(np.int64)
-                    seeds = seeds[None, :] + np.arange(num_passes, dtype=np.int64)[:, None] * step[None, :]
-                    self._sample_calls += num_passes - 1
-                st.fused_seeds = host_to_device(seeds, dev)
+                st.fused_seeds = host_to_device(self._row_seeds(seqs, num_passes), dev)
             else:
                 temps[greedy] = 1.0
                 st.temperatures = host_to_device(temps, dev)
