@@ -135,6 +135,7 @@ def _decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)  # step inputs: may be read before the wait
     if FUSE_NEW_KV:
         position = tl.load(positions_ptr + seq64)
+        slot = tl.load(slot_mapping_ptr + seq64)
     if USE_PDL:  # q and the newest K/V come from the kernel before
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -151,7 +152,13 @@ def _decode_split_kernel(
     if FUSE_NEW_KV:
         q = _norm_rope(q_rows, group_mask[:, None], q_norm_ptr, cos_sin_ptr, position, eps, HEAD_DIM, DTYPE)
         # The new token (position seq_len - 1) is not in the cache yet: the loop stops short of
-        # it, and the split that covers it adds it from registers after the loop.
+        # it, and the split that covers it adds it from registers after the loop. Its K, V and
+        # score are read and computed here, beside q, so that no load waits for the loop.
+        k_row = k_new_ptr + seq64 * stride_kb + kv_head * stride_kh + tl.zeros([1, 1], dtype=tl.int64)
+        row_mask = tl.full([1, 1], 1, tl.int1)
+        new_k = _norm_rope(k_row, row_mask, k_norm_ptr, cos_sin_ptr, position, eps, HEAD_DIM, DTYPE)  # [1, D]
+        new_v = tl.load(v_new_ptr + seq64 * stride_vb + kv_head * stride_vh + offs_d)[None, :]  # [1, D]
+        qk_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32), 1) * qk_scale  # [G]
         new_token = seq_len - 1
         loop_end = tl.minimum(end, new_token)
     else:
@@ -183,13 +190,8 @@ def _decode_split_kernel(
         m_i = m_new
 
     if FUSE_NEW_KV:
-        k_row = k_new_ptr + seq64 * stride_kb + kv_head * stride_kh + tl.zeros([1, 1], dtype=tl.int64)
-        row_mask = tl.full([1, 1], 1, tl.int1)
-        new_k = _norm_rope(k_row, row_mask, k_norm_ptr, cos_sin_ptr, position, eps, HEAD_DIM, DTYPE)  # [1, D]
-        new_v = tl.load(v_new_ptr + seq64 * stride_vb + kv_head * stride_vh + offs_d)[None, :]  # [1, D]
         owns_new = (start <= new_token) & (new_token < end)
         # One more online-softmax step, over the new token alone (p rounded as the loop rounds it).
-        qk_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32), 1) * qk_scale  # [G]
         qk_new = tl.where(owns_new, qk_new, float("-inf"))
         m_new = tl.maximum(m_i, qk_new)
         alpha = tl.exp2(m_i - m_new)
@@ -197,7 +199,6 @@ def _decode_split_kernel(
         l_i = l_i * alpha + p_new
         acc = acc * alpha[:, None] + _round(p_new, DTYPE)[:, None] * new_v.to(tl.float32)
         m_i = m_new
-        slot = tl.load(slot_mapping_ptr + seq64)
         if owns_new & (slot >= 0):  # and into the cache for the steps after this one
             dst = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_token
             tl.store(k_base + dst + offs_d[None, :], new_k)
