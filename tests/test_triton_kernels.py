@@ -12,7 +12,6 @@ import torch
 
 from myvllm.kernels import reference
 from myvllm.kernels.triton_decode_attention import (
-    NewTokenKV,
     allocate_decode_workspace,
     decode_attention,
     default_num_splits,
@@ -311,68 +310,3 @@ def test_decode_large_batch_tiles():
     gen = torch.Generator().manual_seed(5)
     seq_lens = torch.randint(0, 300, (LARGE_BATCH + 2,), generator=gen).tolist()
     run_decode(seq_lens, 16, 2, 1, 128, 1, torch.float32, 700)
-
-
-def run_decode_new_kv(seq_lens: list[int], block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                      num_splits: int, dtype, seed: int, min_split_len: int = 0):
-    """decode_attention with NewTokenKV (raw q; the new token's K/V not yet cached) against
-    reference.qk_norm_rope + store_kvcache + paged_attention."""
-    gen = torch.Generator().manual_seed(seed)
-    batch = len(seq_lens)
-    num_blocks = sum((s + block_size - 1) // block_size for s in seq_lens) + 2
-    k_cache, v_cache = random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
-    block_tables = random_block_tables(seq_lens, block_size, num_blocks, gen)
-    positions = torch.tensor([max(s - 1, 0) for s in seq_lens], dtype=torch.int64)
-    slots = torch.tensor([int(block_tables[b, p // block_size]) * block_size + p % block_size if s else -1
-                          for b, (s, p) in enumerate(zip(seq_lens, positions.tolist()))], dtype=torch.int64)
-    for b, s in enumerate(seq_lens):
-        if s == 0:
-            block_tables[b] = GARBAGE_BLOCK
-    q, k, v = packed_qkv(batch, num_heads, num_kv_heads, head_dim, dtype, gen)
-    q_w = (1 + 0.3 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE)
-    k_w = (1 + 0.3 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE)
-    cos_sin = reference.rotary_cos_sin_cache(head_dim, max(seq_lens) + 4, 10000.0, torch.float32, DEVICE)
-    positions, slots = positions.to(DEVICE), slots.to(DEVICE)
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    scale = head_dim**-0.5
-
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    q_n, k_n = reference.qk_norm_rope(q, k, q_w, k_w, 1e-6, positions, cos_sin)
-    reference.store_kvcache(k_n, v, k_ref, v_ref, slots)
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
-    ref = reference.paged_attention(q_n, k_ref, v_ref, qsl, seq_lens_t, block_tables, scale)
-
-    partial_out, partial_lse = allocate_decode_workspace(batch, num_heads, head_dim, num_splits, DEVICE)
-    partial_out.fill_(float("nan"))
-    out = torch.full((batch, num_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-    new_kv = NewTokenKV(k, v, q_w, k_w, 1e-6, positions, cos_sin, slots)
-    decode_attention(q, k_cache, v_cache, out, seq_lens_t, block_tables, scale, partial_out, partial_lse,
-                     num_splits, min_split_len, new_kv=new_kv)
-    assert not out.isnan().any()
-    for b, s in enumerate(seq_lens):
-        if s == 0:
-            assert torch.equal(out[b], torch.zeros_like(out[b]))
-    err = rel_err(out, ref)
-    assert err < tolerance(dtype), err
-    # The new K/V landed in their slots (K as the reference rounds it, to an ulp), nothing else moved.
-    assert torch.equal(v_cache, v_ref)
-    torch.testing.assert_close(k_cache, k_ref, rtol=tolerance(dtype), atol=tolerance(dtype))
-    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=DEVICE).view(-1)
-    written[slots[slots >= 0]] = True
-    assert torch.equal(k_cache.view(-1, num_kv_heads, head_dim)[~written],
-                       k_ref.view(-1, num_kv_heads, head_dim)[~written])
-
-
-@pytest.mark.parametrize("num_splits", [1, 4, 16])
-@pytest.mark.parametrize("group,head_dim", [(1, 32), (2, 64), (4, 32)])
-def test_decode_new_kv(num_splits, group, head_dim):
-    run_decode_new_kv([1, 0, 150, 64, 17, 65], 16, 2 * group, 2, head_dim, num_splits, torch.float32,
-                      800 + num_splits + group)
-
-
-def test_decode_new_kv_float16_min_split_len():
-    run_decode_new_kv([90, 33, 0, 128, 129], 32, 4, 2, 64, 8, torch.float16, 820, min_split_len=64)
-
-
-def test_decode_new_kv_head_dim_256():
-    run_decode_new_kv([100, 0, 7], 32, 8, 1, 256, 4, torch.float32, 830)

@@ -15,17 +15,6 @@ from typing import Any
 import torch
 
 
-@dataclass(frozen=True)
-class QKNormRope:
-    """What Qwen3 applies to q and k before attention: per-head RMSNorm, then neox rotary."""
-
-    q_weight: torch.Tensor  # [D]
-    k_weight: torch.Tensor  # [D]
-    eps: float
-    positions: torch.Tensor  # [T] int64
-    cos_sin_cache: torch.Tensor  # [max_position, D]: cos in the first half, sin in the second
-
-
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64; -1 = padding, write nothing
@@ -69,19 +58,6 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, H, D]
         """Store k and v into the caches at meta.slot_mapping (unless kv_stored: the caller
         already has), then attend over the caches."""
-
-    def forward_qk_norm_rope(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                             norm_rope: QKNormRope, ops) -> torch.Tensor:
-        """forward() of q and k as the projection gives them: norm_rope is applied first, by
-        the ops (kernels.fused_ops.FusedOps), whose CUDA kernel also stores K and V. A backend
-        may override this to fuse it into its own kernels."""
-        n = norm_rope
-        if ops.uses_cuda_kernels:
-            q, k = ops.qk_norm_rope_store(q, k, v, n.q_weight, n.k_weight, n.eps, n.positions, n.cos_sin_cache,
-                                          k_cache, v_cache, meta.slot_mapping)
-            return self.forward(q, k, v, k_cache, v_cache, meta, scale, kv_stored=True)
-        q, k = ops.qk_norm_rope(q, k, n.q_weight, n.k_weight, n.eps, n.positions, n.cos_sin_cache)
-        return self.forward(q, k, v, k_cache, v_cache, meta, scale)
 
     def init_graph_buffers(self, max_batch_size: int) -> None:
         """Allocate whatever static state decode graphs of up to this batch size need."""

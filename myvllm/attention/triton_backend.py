@@ -1,19 +1,17 @@
 """Our own Triton kernels: KV store, varlen paged prefill, split-KV decode.
 
 Decode-only steps use the split-KV (flash-decoding) kernel, whose grid depends
-only on the batch size, so it replays inside CUDA graphs; it also applies the q/k
-norm and rotary and stores the new K/V itself (forward_qk_norm_rope). Every other
-step (prefill, chunked prefill, prefix hits, mixed prefill + decode) uses the
-varlen paged kernel.
+only on the batch size, so it replays inside CUDA graphs; every other step
+(prefill, chunked prefill, prefix hits, mixed prefill + decode) uses the varlen
+paged kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from myvllm.attention.backend import AttentionBackend, AttentionMetadata, QKNormRope
+from myvllm.attention.backend import AttentionBackend, AttentionMetadata
 from myvllm.kernels.triton_decode_attention import (
-    NewTokenKV,
     allocate_decode_workspace,
     decode_attention,
     default_num_splits,
@@ -48,31 +46,18 @@ class TritonAttentionBackend(AttentionBackend):
     def init_graph_buffers(self, max_batch_size: int) -> None:
         self._ensure_workspace(max_batch_size)
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                new_kv: NewTokenKV | None = None) -> torch.Tensor:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        # Fewer splits when the batch alone fills the GPU; depends only on B, so graph-safe.
-        splits = default_num_splits(self.max_model_len, self.block_size, batch_size=q.shape[0],
-                                    num_kv_heads=k_cache.shape[2], num_sms=self.num_sms)
-        return decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale,
-                                self.partial_out, self.partial_lse, splits, new_kv=new_kv)
-
-    def forward_qk_norm_rope(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                             norm_rope: QKNormRope, ops) -> torch.Tensor:
-        if not meta.is_decode_only:
-            return super().forward_qk_norm_rope(q, k, v, k_cache, v_cache, meta, scale, norm_rope, ops)
-        # One kernel less per layer: the split kernel normalises, rotates and stores the new token.
-        n = norm_rope
-        new_kv = NewTokenKV(k, v, n.q_weight, n.k_weight, n.eps, n.positions, n.cos_sin_cache, meta.slot_mapping)
-        return self._decode(q, k_cache, v_cache, meta, scale, new_kv)
-
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 kv_stored: bool = False) -> torch.Tensor:
         if not kv_stored:
             store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode_only:
-            return self._decode(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
-        prefill_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
-                          meta.block_tables, meta.max_query_len, scale)
+        if meta.is_decode_only:
+            # Fewer splits when the batch alone fills the GPU; depends only on B, so graph-safe.
+            splits = default_num_splits(self.max_model_len, self.block_size, batch_size=q.shape[0],
+                                        num_kv_heads=k_cache.shape[2], num_sms=self.num_sms)
+            decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale,
+                             self.partial_out, self.partial_lse, splits)
+        else:
+            prefill_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
+                              meta.block_tables, meta.max_query_len, scale)
         return out

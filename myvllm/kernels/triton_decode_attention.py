@@ -13,12 +13,6 @@ past a sequence's end exit at once). On an H100 with context lengths spread over
 100..2048 this measured the same as equal shares (B=64: 88.5% vs 88.4% of 3 TB/s,
 B=128: 90.6% vs 87.7%, B=256: 91.5% vs 94.4%), so the engine uses equal shares.
 
-With NewTokenKV (the engine's decode steps), stage 1 also does the work of the q/k norm +
-rotary + KV store kernel that would otherwise run before it: each program normalises and
-rotates its q rows (every split of a sequence does, it is a few hundred FLOPs), walks the
-cached tokens only, and folds the new token in from registers after its loop; the program
-whose split covers the new position writes its K and V into the cache.
-
 Stage 2, grid `(B, H)`: merges the splits of one head by their log-sum-exp into out.
 With one split (large batches) stage 1 writes out itself and stage 2 is not launched.
 
@@ -35,7 +29,6 @@ block tables. A sequence with seq_len 0 (graph padding) reads nothing and yields
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -48,35 +41,6 @@ MAX_SPLITS = 16
 
 
 @triton.jit
-def _round(x, DTYPE: tl.constexpr):
-    """x (float32) rounded to DTYPE and back: where the unfused ops round."""
-    return x.to(DTYPE).to(tl.float32)
-
-
-@triton.jit
-def _norm_rope(x_ptrs, mask, weight_ptr, cos_sin_ptr, position, eps, HEAD_DIM: tl.constexpr,
-               DTYPE: tl.constexpr):
-    """Rows [R, D] at x_ptrs (pointers to element 0 of each row, [R, 1]): per-row RMSNorm with
-    weight [D], then neox rotary at `position` -> [R, D] in DTYPE. Rounds where
-    reference.rms_norm and reference.apply_rotary do (see qk_norm_rope.cu). The rotary partner
-    of element d (d + D/2, or d - D/2) is read by a second, permuted load, which keeps the rows
-    whole for tl.dot."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    offs = tl.arange(0, HEAD_DIM)
-    partner = (offs + HALF) % HEAD_DIM
-    x = tl.load(x_ptrs + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_partner = tl.load(x_ptrs + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    inv_rms = tl.math.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
-    n = _round(tl.load(weight_ptr + offs).to(tl.float32)[None, :] * _round(x * inv_rms, DTYPE), DTYPE)
-    n_partner = _round(tl.load(weight_ptr + partner).to(tl.float32)[None, :] * _round(x_partner * inv_rms, DTYPE),
-                       DTYPE)
-    cos = _round(tl.load(cos_sin_ptr + position * HEAD_DIM + offs % HALF).to(tl.float32), DTYPE)[None, :]
-    sin = _round(tl.load(cos_sin_ptr + position * HEAD_DIM + HALF + offs % HALF).to(tl.float32), DTYPE)[None, :]
-    rotated = tl.where(offs[None, :] < HALF, -n_partner, n_partner)  # rotate_half(n)
-    return (_round(n * cos, DTYPE) + _round(rotated * sin, DTYPE)).to(DTYPE)
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [B, H, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -86,21 +50,6 @@ def _decode_split_kernel(
     partial_out_ptr,  # [B_max, H, S_max, D] float32
     partial_lse_ptr,  # [B_max, H, S_max] float32
     out_ptr,  # [B, H, D]: written directly when NUM_SPLITS == 1
-    # With FUSE_NEW_KV only (see NewTokenKV): q is the raw projection; these are the step's
-    # raw K and V [B, Hkv, D], the norm weights [D], positions [B] int64, the rotary cache
-    # [P, D] and the cache slots [B] int64 of the new token.
-    k_new_ptr,
-    v_new_ptr,
-    q_norm_ptr,
-    k_norm_ptr,
-    positions_ptr,
-    cos_sin_ptr,
-    slot_mapping_ptr,
-    eps,
-    stride_kb,
-    stride_kh,
-    stride_vb,
-    stride_vh,
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -123,19 +72,13 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,  # cache block size
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FUSE_NEW_KV: tl.constexpr,  # normalise and rotate q and the new K, and store the new K/V
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (see launches_pdl)
 ):
-    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     kv_head = tl.program_id(0)  # the KV heads of one token are adjacent in the cache: their
     seq = tl.program_id(1)  # programs run side by side and read neighbouring memory
     split = tl.program_id(2)
-    seq64 = seq.to(tl.int64)
 
-    seq_len = tl.load(seq_lens_ptr + seq)  # step inputs: may be read before the wait
-    if FUSE_NEW_KV:
-        position = tl.load(positions_ptr + seq64)
-        slot = tl.load(slot_mapping_ptr + seq64)
+    seq_len = tl.load(seq_lens_ptr + seq)  # a step input: may be read before the wait
     if USE_PDL:  # q and the newest K/V come from the kernel before
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -148,32 +91,21 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     group_mask = offs_g < GROUP
     heads = kv_head * GROUP + offs_g  # [G] query heads of this KV head
-    q_rows = q_ptr + seq64 * stride_qb + heads[:, None] * stride_qh
-    if FUSE_NEW_KV:
-        q = _norm_rope(q_rows, group_mask[:, None], q_norm_ptr, cos_sin_ptr, position, eps, HEAD_DIM, DTYPE)
-        # The new token (position seq_len - 1) is not in the cache yet: the loop stops short of
-        # it, and the split that covers it adds it from registers after the loop. Its K, V and
-        # score are read and computed here, beside q, so that no load waits for the loop.
-        k_row = k_new_ptr + seq64 * stride_kb + kv_head * stride_kh + tl.zeros([1, 1], dtype=tl.int64)
-        row_mask = tl.full([1, 1], 1, tl.int1)
-        new_k = _norm_rope(k_row, row_mask, k_norm_ptr, cos_sin_ptr, position, eps, HEAD_DIM, DTYPE)  # [1, D]
-        new_v = tl.load(v_new_ptr + seq64 * stride_vb + kv_head * stride_vh + offs_d)[None, :]  # [1, D]
-        qk_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32), 1) * qk_scale  # [G]
-        new_token = seq_len - 1
-        loop_end = tl.minimum(end, new_token)
-    else:
-        q = tl.load(q_rows + offs_d[None, :], mask=group_mask[:, None], other=0.0)  # [G, D]
-        loop_end = end
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=group_mask[:, None],
+        other=0.0,
+    )  # [G, D]
 
-    bt_row = block_tables_ptr + seq64 * stride_bt
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_cache_head
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_cache_head
 
     m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(start, loop_end, BLOCK_N):
-        token_mask = start_n + offs_n < loop_end
+    for start_n in range(start, end, BLOCK_N):
+        token_mask = start_n + offs_n < end
         kv_off = kv_token_offsets(
             bt_row, start_n, offs_n, token_mask, stride_cache_block, stride_cache_token, BLOCK_SIZE, BLOCK_N
         )
@@ -189,33 +121,19 @@ def _decode_split_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if FUSE_NEW_KV:
-        owns_new = (start <= new_token) & (new_token < end)
-        # One more online-softmax step, over the new token alone (p rounded as the loop rounds it).
-        qk_new = tl.where(owns_new, qk_new, float("-inf"))
-        m_new = tl.maximum(m_i, qk_new)
-        alpha = tl.exp2(m_i - m_new)
-        p_new = tl.exp2(qk_new - m_new)
-        l_i = l_i * alpha + p_new
-        acc = acc * alpha[:, None] + _round(p_new, DTYPE)[:, None] * new_v.to(tl.float32)
-        m_i = m_new
-        if owns_new & (slot >= 0):  # and into the cache for the steps after this one
-            dst = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_token
-            tl.store(k_base + dst + offs_d[None, :], new_k)
-            tl.store(v_base + dst + offs_d[None, :], new_v)
-
     # An empty split writes only lse = -inf (the merge then reads nothing else of it).
     nonempty = l_i > 0.0
     acc = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:  # the whole context in one program: no merge (an empty one gives zeros)
         tl.store(
-            out_ptr + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
             acc.to(out_ptr.dtype.element_ty),
             mask=group_mask[:, None],
         )
         return
     lse = (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453  # ln(2): natural-log lse
     lse = tl.where(nonempty, lse, float("-inf"))
+    seq64 = seq.to(tl.int64)
     tl.store(
         partial_out_ptr
         + seq64 * stride_pob
@@ -345,32 +263,6 @@ def allocate_decode_workspace(
     return partial_out, partial_lse
 
 
-@dataclass(frozen=True)
-class NewTokenKV:
-    """The step's new token, for decode_attention to finish and store: with it q is the raw
-    projection, and the split kernel applies per-head RMSNorm and neox rotary to q and to the
-    new K (as reference.qk_norm_rope does) and writes K and V into the caches at slot_mapping.
-    This saves the separate norm + rotary + store kernel of a decode step."""
-
-    k: torch.Tensor  # [B, Hkv, D], unit stride on D (a view of the packed qkv is fine)
-    v: torch.Tensor  # [B, Hkv, D]
-    q_norm_weight: torch.Tensor  # [D]
-    k_norm_weight: torch.Tensor  # [D]
-    eps: float
-    positions: torch.Tensor  # [B] int64
-    cos_sin_cache: torch.Tensor  # [max_position, D]: cos in the first half, sin in the second
-    slot_mapping: torch.Tensor  # [B] int64; -1: store nothing
-
-
-def _new_kv_args(new_kv: NewTokenKV | None, q: torch.Tensor, seq_lens: torch.Tensor) -> tuple:
-    """The split kernel's arguments from k_new_ptr to stride_vh."""
-    if new_kv is None:  # placeholders of the right kinds: the kernel compiles their uses out
-        return q, q, q, q, seq_lens, q, seq_lens, 0.0, 0, 0, 0, 0
-    return (new_kv.k, new_kv.v, new_kv.q_norm_weight.contiguous(), new_kv.k_norm_weight.contiguous(),
-            new_kv.positions, new_kv.cos_sin_cache, new_kv.slot_mapping, new_kv.eps, new_kv.k.stride(0),
-            new_kv.k.stride(1), new_kv.v.stride(0), new_kv.v.stride(1))
-
-
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -384,7 +276,6 @@ def decode_attention(
     num_splits: int,
     min_split_len: int = 0,
     config: tuple[int, int, int] | None = None,
-    new_kv: NewTokenKV | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV; writes and returns out `[B, H, D]`.
 
@@ -393,8 +284,7 @@ def decode_attention(
     partial_out `[B_max, H, S_max, D]` / partial_lse `[B_max, H, S_max]` float32 workspace
     with B_max >= B and S_max >= num_splits. min_split_len (rounded up to the KV tile) is
     the fewest tokens a non-empty split covers. config (BLOCK_N, num_warps, num_stages)
-    overrides decode_config (for measurements). With new_kv, q is not yet normalised or
-    rotated and the new token's K/V are not yet in the caches (see NewTokenKV).
+    overrides decode_config (for measurements).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -409,14 +299,6 @@ def decode_attention(
     assert partial_out.shape[3] == head_dim and partial_out.stride(3) == 1
     assert 1 <= num_splits <= partial_out.shape[2] and num_splits <= partial_lse.shape[2]
     assert partial_lse.shape[:2] == partial_out.shape[:2] and partial_lse.stride(2) == 1
-    if new_kv is not None:
-        assert new_kv.k.shape == new_kv.v.shape == (batch, num_kv_heads, head_dim)
-        assert new_kv.k.stride(-1) == 1 and new_kv.v.stride(-1) == 1
-        assert new_kv.q_norm_weight.shape == new_kv.k_norm_weight.shape == (head_dim,)
-        assert new_kv.cos_sin_cache.shape[1] == head_dim and new_kv.cos_sin_cache.is_contiguous()
-        assert new_kv.positions.shape == new_kv.slot_mapping.shape == (batch,)
-        assert new_kv.positions.dtype == new_kv.slot_mapping.dtype == torch.int64
-        assert k_cache.is_contiguous()  # slot -> (block, offset) in the kernel
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
@@ -432,7 +314,6 @@ def decode_attention(
         partial_out,
         partial_lse,
         out,
-        *_new_kv_args(new_kv, q, seq_lens),
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -455,7 +336,6 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FUSE_NEW_KV=new_kv is not None,
         USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,

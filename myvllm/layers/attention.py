@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from myvllm.attention.backend import AttentionBackend, AttentionMetadata, QKNormRope
+from myvllm.attention.backend import AttentionBackend, AttentionMetadata
 
 
 class Attention(nn.Module):
@@ -29,10 +29,3 @@ class Attention(nn.Module):
                 kv_stored: bool = False) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]. kv_stored: k and v are in the cache already."""
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored)
-
-    def forward_qk_norm_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-                             norm_rope: QKNormRope, ops) -> torch.Tensor:
-        """forward() of q and k before their norm and rotary (norm_rope), which the backend
-        applies, with ops (kernels.fused_ops.FusedOps) or inside its own kernels."""
-        return self.backend.forward_qk_norm_rope(q, k, v, self.k_cache, self.v_cache, meta, self.scale, norm_rope,
-                                                 ops)

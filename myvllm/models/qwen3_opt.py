@@ -6,8 +6,7 @@ Residual adds are fused into the following RMSNorm, and each RMSNorm into the pr
 feeds (qkv, gate_up with SiLU, and the final norm into the LM head, which runs on the sampled
 rows only; one CUDA kernel for a few tokens, see RMSNorm.project).
 Attention packs q/k/v into one projection, applies per-head RMSNorm to q and k, then rotary,
-then paged attention (the backend decides where the norm and rotary run: with the ops, or in
-its decode kernel).
+then paged attention.
 `packed_modules_mapping` tells the loader which checkpoint tensors go into which
 slice of a packed parameter.
 """
@@ -17,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from myvllm.attention.backend import AttentionBackend, AttentionMetadata, QKNormRope
+from myvllm.attention.backend import AttentionBackend, AttentionMetadata
 from myvllm.config import ModelConfig
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
 from myvllm.layers.attention import Attention
@@ -54,8 +53,15 @@ class Qwen3Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # strided views of qkv
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        norm_rope = QKNormRope(self.q_norm.weight, self.k_norm.weight, self.eps, positions, self.rotary.cos_sin_cache)
-        out = self.attn.forward_qk_norm_rope(q, k, v, meta, norm_rope, self.ops)  # [T, H, D]
+        if self.ops.uses_cuda_kernels:  # one kernel also writes K and V into the paged cache
+            q, k = self.ops.qk_norm_rope_store(q, k, v, self.q_norm.weight, self.k_norm.weight, self.eps,
+                                               positions, self.rotary.cos_sin_cache, self.attn.k_cache,
+                                               self.attn.v_cache, meta.slot_mapping)
+            out = self.attn(q, k, v, meta, kv_stored=True)  # [T, H, D]
+        else:
+            q, k = self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.eps, positions,
+                                         self.rotary.cos_sin_cache)
+            out = self.attn(q, k, v, meta)  # [T, H, D]
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 
