@@ -80,8 +80,8 @@ def _decode_split_kernel(
 
     seq_len = tl.load(seq_lens_ptr + seq)  # a step input: may be read before the wait
     if USE_PDL:  # q and the newest K/V come from the kernel before
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT_LEN)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -164,8 +164,8 @@ def _decode_merge_kernel(
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -203,9 +203,10 @@ def _sm90_or_later(device_index: int) -> bool:
 
 def launches_pdl(device: torch.device) -> bool:
     """Whether the kernels here go out with programmatic dependent launch (sm_90+): each may be
-    scheduled while the kernel before it runs, waits for it (gdc_wait) before reading its
-    outputs, and then lets the next kernel start early in turn (the contract of
-    myvllm/kernels/cuda/common.cuh's launch_pdl, whose kernels surround these)."""
+    scheduled while the kernels before it run: it lets the next kernel start at once
+    (gdc_launch_dependents), then waits for the one before (gdc_wait) before reading its
+    outputs (the contract of myvllm/kernels/cuda/common.cuh's launch_pdl, whose kernels
+    surround these)."""
     return device.type == "cuda" and _sm90_or_later(device.index if device.index is not None else 0)
 
 

@@ -36,8 +36,8 @@ __global__ void __launch_bounds__(kThreads)
   V* o = reinterpret_cast<V*>(out + row * d);
   const int nvec = d / VEC;
   // Launched with launch_pdl (common.cuh): x comes from the kernel before.
-  grid_dependency_wait();
   allow_dependent_launch();
+  grid_dependency_wait();
   for (int idx = blockIdx.y * blockDim.x + threadIdx.x; idx < nvec; idx += gridDim.y * blockDim.x) {
     const V g = gate[idx], u = up[idx];
     V r;

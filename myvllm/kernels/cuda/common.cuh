@@ -46,11 +46,15 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Programmatic dependent launch (PDL, sm_90+). A kernel launched by launch_pdl may be scheduled
-// while the kernel before it in the stream is still running. Its contract:
-//   - before grid_dependency_wait() it reads only what the previous kernel does not write
-//     (weights, constants, step inputs copied in before the forward) and writes nothing;
-//   - it calls allow_dependent_launch() only after grid_dependency_wait(), so a kernel running
-//     early never overlaps more than the one kernel just before it.
+// while the kernels before it in the stream are still running. Its contract:
+//   - it calls allow_dependent_launch() first, so the next kernel may be scheduled as soon as
+//     all of this one's blocks have started: a chain of such kernels has several resident at
+//     once (as many as fit), each held in grid_dependency_wait() until the one before it has
+//     finished, which that one only does after its own wait, so every kernel before it has too;
+//   - before grid_dependency_wait() it reads only what no kernel of the chain writes (weights,
+//     constants, step inputs copied in before the forward) and writes nothing.
+// Letting the next kernel start early pays at one token, where a layer is a chain of short
+// kernels: their launch and their weight reads leave the critical path (docs/performance.md).
 // Both are no-ops in a kernel launched without the attribute (or below sm_90).
 __device__ __forceinline__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

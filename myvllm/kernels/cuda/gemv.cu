@@ -23,6 +23,11 @@
 // the next one's weights while it reduces the current one (the LM head, 151,936 outputs, reads
 // as fast as cuBLAS that way). Block 0 alone writes s.
 //
+// At one or two tokens, when a block's share of W fits in shared memory (one block an SM), the
+// staged form runs instead (gemv_staged_kernel): the weights go to shared memory by cp.async
+// before the dependent-launch wait, so its blocks fit beside the kernels before it and fetch
+// their weights while those run.
+//
 // Numerics follow myvllm/kernels/reference.py composed (fused_add_rms_norm or rms_norm,
 // F.linear, silu_and_mul): float32 arithmetic rounded to T where the unfused ops round (s, the
 // normalised x before the weight, the weight product, the projection output, silu). Only the
@@ -43,12 +48,12 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "gemv_stage_x.cuh"
+#include "gemv_staged.cuh"
 
 namespace myvllm {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
 // Blocks resident per SM, which caps registers at 64 (M <= 2) or 128 a thread, and the 16-byte
 // weight vectors each lane keeps in flight (over all its rows): at one or two tokens, four
 // blocks an SM run the 0.6B projections (up to 512 blocks) in one wave, each SM with 64 KB of
@@ -57,12 +62,6 @@ template <int M>
 constexpr int min_blocks() { return M <= 2 ? 4 : 2; }
 template <int M>
 constexpr int in_flight() { return M <= 2 ? 4 : 8; }
-constexpr int kMaxRows = 8;   // rows of x; M (the kernel's row count) is 1, 2, 4 or 8
-constexpr int kMaxSmem = 96 * 1024;  // staged x: M * K * sizeof(T) bytes (opted in past 48 KB)
-
-int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-enum Prologue : int { kCopy = 0, kNorm = 1, kAddNorm = 2 };
 
 // 16 bytes of weights, read once per pass: kept out of L1.
 template <typename V>
@@ -73,80 +72,6 @@ __device__ __forceinline__ V load_stream(const V* p) {
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
       : "l"(p));
   return *reinterpret_cast<V*>(&r);
-}
-
-// Stage x (rows < `rows`, zeros above) in xs [M, K] as the prologue PRO sees it. With kAddNorm
-// the sum s = x + residual is what is normalised; block 0 writes it to res_out.
-template <typename T, int VEC, int M, int PRO>
-__device__ __forceinline__ void stage_x(T* __restrict__ xs, const T* __restrict__ x,
-                                        int64_t x_stride, const T* __restrict__ residual,
-                                        int64_t res_stride, T* __restrict__ res_out,
-                                        const T* __restrict__ norm_w, float eps, int rows,
-                                        int k) {
-  using V = Vec<T, VEC>;
-  const int nvec = k / VEC;
-  V* xsv = reinterpret_cast<V*>(xs);
-  float sumsq[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) sumsq[m] = 0.f;
-  // Vector c of all M rows per step: the M loads are in flight together.
-  for (int c = threadIdx.x; c < nvec; c += kThreads) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      V a;
-      if (m < rows) {
-        a = reinterpret_cast<const V*>(x + m * x_stride)[c];
-        if constexpr (PRO == kAddNorm) {
-          const V b = reinterpret_cast<const V*>(residual + m * res_stride)[c];
-#pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            a.v[e] = static_cast<T>(static_cast<float>(a.v[e]) + static_cast<float>(b.v[e]));
-          if (blockIdx.x == 0) reinterpret_cast<V*>(res_out + m * static_cast<int64_t>(k))[c] = a;
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) a.v[e] = static_cast<T>(0.f);
-      }
-      if constexpr (PRO != kCopy) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) sumsq[m] += static_cast<float>(a.v[e]) * static_cast<float>(a.v[e]);
-      }
-      xsv[m * nvec + c] = a;
-    }
-  }
-  if constexpr (PRO != kCopy) {
-    // Block sums of the M rows' squares; each thread then rescales the entries it staged.
-    __shared__ float partial[kWarps][M];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const float s = warp_sum(sumsq[m]);
-      if (lane == 0) partial[warp][m] = s;
-    }
-    __syncthreads();
-    float inv_rms[M];
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float total = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) total += partial[w][m];
-      inv_rms[m] = rsqrtf(total / static_cast<float>(k) + eps);
-    }
-    const V* wv = reinterpret_cast<const V*>(norm_w);
-    for (int c = threadIdx.x; c < nvec; c += kThreads) {
-      const V g = wv[c];
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        V a = xsv[m * nvec + c];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e)
-          a.v[e] = static_cast<T>(static_cast<float>(g.v[e]) *
-                                  round_to<T>(static_cast<float>(a.v[e]) * inv_rms[m]));
-        xsv[m * nvec + c] = a;
-      }
-    }
-  }
-  __syncthreads();
 }
 
 // Vectors c0, c0 + 32, ... (U of them, those below c_end) of each of the R rows.
@@ -198,9 +123,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<M>())
   V wv[R][U];
   load_weights<V, R, U>(wv, wrow, j < n_out, c_begin + lane, c_end);  // in flight while x is staged
   // Programmatic dependent launch: the weights above need nothing from the kernel before this
-  // one; x does. Once x may be read, the next kernel may start and prefetch its own weights.
-  grid_dependency_wait();
+  // one; x does. The next kernel may start (and prefetch its own weights) at once.
   allow_dependent_launch();
+  grid_dependency_wait();
   stage_x<T, VEC, M, PRO>(xs, x, x_stride, residual, res_stride, res_out, norm_w, eps, rows, k);
 
   const V* xsv = reinterpret_cast<const V*>(xs);
@@ -278,6 +203,9 @@ template <typename T, int M, int PRO, bool SILU>
 void launch_m(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
               int64_t res_stride, const T* w, const T* norm_w, float eps, int rows, int n_out,
               int k) {
+  if (launch_staged<T, M, PRO, SILU>(out, res_out, x, x_stride, residual, res_stride, w, norm_w,
+                                     eps, rows, n_out, k))
+    return;
   constexpr int kVec = 16 / sizeof(T);
   const int smem = M * k * static_cast<int>(sizeof(T));
   auto* kernel = gemv_kernel<T, kVec, M, PRO, SILU>;

@@ -60,8 +60,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   // Launched with launch_pdl (common.cuh): the weight above may be read while the previous kernel
   // runs; x and the residual may not.
-  grid_dependency_wait();
   allow_dependent_launch();
+  grid_dependency_wait();
   float sumsq = 0.f;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {

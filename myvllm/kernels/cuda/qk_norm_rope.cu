@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     const int kvh = h - num_heads - num_kv_heads;
     const T* src = store.v + t * store.v_stride_t + kvh * store.v_stride_h;
     T* dst = store.v_cache + (slot * num_kv_heads + kvh) * D;
-    grid_dependency_wait();
     allow_dependent_launch();
+    grid_dependency_wait();
 #pragma unroll
     for (int j = lane; j < D; j += 32) dst[j] = src[j];
     return;
@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     c[p] = round_to<T>(static_cast<float>(cs[j]));
     s[p] = round_to<T>(static_cast<float>(cs[kHalf + j]));
   }
-  grid_dependency_wait();
   allow_dependent_launch();
+  grid_dependency_wait();
   float sumsq = 0.f;
 #pragma unroll
   for (int p = 0; p < kPairs; ++p) {
