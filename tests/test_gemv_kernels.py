@@ -105,13 +105,16 @@ def test_add_norm_linear(ops: FusedOps, rows: int, shape: str, silu: bool, dtype
 
 
 @pytest.mark.gpu
-def test_many_blocks_write_every_output(ops: FusedOps) -> None:
-    """N not a multiple of the block's 8 outputs, K not a multiple of a warp's 256-element sweep."""
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_many_blocks_write_every_output(ops: FusedOps, rows: int) -> None:
+    """N not a multiple of the block's 8 outputs, K not a multiple of a warp's 256-element sweep.
+    At one and two rows this is the staged form (gemv_staged.cuh), whose last block has fewer
+    columns than the others on a 132-SM GPU; at three, the register form."""
     dtype, k, n = torch.bfloat16, 1000, 1003
-    x = torch.randn(3, k, device="cuda").to(dtype)
-    residual = torch.randn(3, k, device="cuda").to(dtype)
+    x = torch.randn(rows, k, device="cuda").to(dtype)
+    residual = torch.randn(rows, k, device="cuda").to(dtype)
     nw, w = norm_weight(k, dtype), make_weight(k, 2 * n, dtype)
-    poison_allocator(((3, 2 * n), dtype), ((3, n), dtype), ((3, k), dtype))
+    poison_allocator(((rows, 2 * n), dtype), ((rows, n), dtype), ((rows, k), dtype))
     assert_matches(torch.ops.myvllm.gemv(x, w, None, 0.0, False), F.linear(x, w))
     out, res = torch.ops.myvllm.add_norm_gemv(x, residual, w, nw, EPS, True)
     ref_out, ref_res = reference.add_norm_linear(x, residual, nw, EPS, w, True)
