@@ -25,8 +25,10 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # capture_util
 
-from myvllm.capture.capture_util import capture  # noqa: E402
+from capture_util import capture  # noqa: E402
+
 from myvllm.kernels.triton_decode_attention import (
     allocate_decode_workspace,
     decode_attention,

@@ -19,8 +19,10 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # capture_util
 
-from myvllm.capture.capture_util import capture  # noqa: E402
+from capture_util import capture  # noqa: E402
+
 from myvllm.kernels.fused_ops import GEMV_MAX_ROWS, FusedOps  # noqa: E402
 
 LAYERS = 28

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from capture_util import capture
 
-from myvllm.capture.capture_util import capture
 from myvllm.kernels import reference
 from myvllm.kernels.cuda.build import load_cuda_ops
 

@@ -11,8 +11,8 @@ import logging
 
 import pytest
 import torch
+from capture_util import capture_outputs
 
-from myvllm.capture.capture_util import capture_outputs
 from myvllm.kernels import reference
 from myvllm.kernels.cuda import build
 from myvllm.kernels.fused_ops import FusedOps

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from capture_util import capture_outputs
 from test_cuda_kernels import EPS, assert_matches, norm_weight, poison_allocator
 
-from myvllm.capture.capture_util import capture_outputs
 from myvllm.kernels import reference
 from myvllm.kernels.fused_ops import GEMV_MAX_ROWS, GEMV_ROWS, FusedOps, gemv_fits
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from capture_util import capture
 
-from myvllm.capture.capture_util import capture
 from myvllm.kernels import reference
 from myvllm.kernels.triton_decode_attention import (
     allocate_decode_workspace,

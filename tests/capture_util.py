@@ -1,4 +1,4 @@
-"""Capturing a callable into a CUDA graph, for measurements and graph-safety checks."""
+"""Capturing a callable into a CUDA graph, for tests and measurements (graph-safety checks, kernel timings)."""
 
 from __future__ import annotations
 
