@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from myvllm.attention.backend import AttentionBackend, AttentionMetadata
 from myvllm.kernels.triton_kv_store import store_kvcache
 
-FLASH_ATTN_BLOCK_MULTIPLE = 256
-
 
 class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"

@@ -12,6 +12,10 @@ from myvllm.attention.backend import AttentionBackend
 
 logger = logging.getLogger(__name__)
 
+# flash-attn reads a paged cache through block_table only at block sizes that are multiples of this.
+# It lives here, not in flash_attn_backend, so that choosing a backend imports no kernel module.
+FLASH_ATTN_BLOCK_MULTIPLE = 256
+
 
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
@@ -19,8 +23,6 @@ def flash_attn_available() -> bool:
 
 def choose_backend_name(requested: str, device: torch.device, block_size: int) -> tuple[str, str]:
     """(backend name, reason) for attention_backend=requested."""
-    from myvllm.attention.flash_attn_backend import FLASH_ATTN_BLOCK_MULTIPLE
-
     if requested != "auto":
         # On CPU, Triton kernels run only through Triton's interpreter (tests use it).
         interpreted = requested == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
