@@ -1,14 +1,30 @@
-"""SamplingParams: vLLM's names and defaults, validated at construction."""
+"""SamplingParams: vLLM's names and defaults, validated at construction.
+
+A value of the wrong type raises TypeError, one of the right type outside its range
+ValueError; both messages start with the field's name. A keyword that is not a field
+raises TypeError too, saying whether it is a vLLM field not supported here yet.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Below this temperature sampling is treated as greedy (avoids dividing by ~0).
 GREEDY_EPS = 1e-5
 # Integers that reach the sampler as int64 (seeds, top_k) must fit it.
 MAX_INT64 = (1 << 63) - 1
+# vLLM SamplingParams arguments this engine does not implement yet; a field added to
+# SamplingParams is accepted whether or not its name is listed here.
+UNSUPPORTED_VLLM_FIELDS = frozenset({
+    "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "bad_words", "prompt_logprobs",
+    "detokenize", "spaces_between_special_tokens", "logits_processors", "truncate_prompt_tokens", "output_kind",
+    "guided_decoding", "structured_outputs", "logit_bias", "allowed_token_ids", "extra_args", "use_beam_search",
+    "length_penalty", "early_stopping",
+})
 
 
 def _is_int(v) -> bool:
@@ -19,6 +35,58 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _type_error(name: str, value, expected: str) -> TypeError:
+    return TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def _check_int(name: str, value, low: int, high: int | None = None, *, optional: bool = False,
+               allowed: str | None = None) -> None:
+    """value is an int in [low, high] (or None when optional); allowed overrides the range's wording."""
+    if optional and value is None:
+        return
+    if not _is_int(value):
+        raise _type_error(name, value, "None or an int" if optional else "an int")
+    if value < low or (high is not None and value > high):
+        if allowed is None:
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value} is out of range: must be {allowed}")
+
+
+def _check_number(name: str, value, in_range: Callable[[float], bool], allowed: str) -> None:
+    """value is an int or float for which in_range holds (allowed describes that range)."""
+    if not _is_number(value):
+        raise _type_error(name, value, "a number")
+    if not in_range(value):
+        raise ValueError(f"{name}={value!r} is out of range: must be {allowed}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise _type_error(name, value, "a bool")
+
+
+def _reject_unknown_keywords(cls):
+    """Wraps the dataclass's generated __init__ so that a keyword that is not an init field gets a
+    message naming it (and the accepted fields) instead of Python's bare 'unexpected keyword'."""
+    generated_init = cls.__init__
+    accepted = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(generated_init)
+    def __init__(self, *args, **kwargs):
+        for name in kwargs:
+            if name in accepted:
+                continue
+            if name in UNSUPPORTED_VLLM_FIELDS:
+                raise TypeError(f"{name} is a vLLM SamplingParams field this engine does not support yet; "
+                                f"supported fields: {', '.join(accepted)}")
+            raise TypeError(f"{name} is not a SamplingParams field; accepted fields: {', '.join(accepted)}")
+        generated_init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_reject_unknown_keywords
 @dataclass
 class SamplingParams:
     """How to sample one request.
@@ -47,29 +115,31 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n={self.n!r} is out of range: must be an int >= 1")
-        t = self.temperature
-        if not _is_number(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature={t!r} is out of range: must be a finite number >= 0")
-        p = self.top_p
-        if not _is_number(p) or not (0 < p <= 1):
-            raise ValueError(f"top_p={p!r} is out of range: must be in (0, 1]")
-        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_INT64:
-            raise ValueError(f"top_k={self.top_k!r} is out of range: -1 or 0 disables, else in [1, 2**63 - 1]")
-        m = self.min_p
-        if not _is_number(m) or not (0 <= m <= 1):
-            raise ValueError(f"min_p={m!r} is out of range: must be in [0, 1]")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_INT64):
-            raise ValueError(f"seed={self.seed!r} is out of range: must be None or an int in [0, 2**63 - 1]")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens={self.max_tokens!r} is out of range: must be None or an int >= 1")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens={self.min_tokens!r} is out of range: must be an int >= 0")
+        self._check_sampling()
+        self._check_lengths()
+        self._check_stops()
+        _check_int("logprobs", self.logprobs, 0, optional=True)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            _check_bool(name, getattr(self, name))
+
+    def _check_sampling(self) -> None:
+        _check_int("n", self.n, 1)
+        _check_number("temperature", self.temperature, lambda t: math.isfinite(t) and t >= 0,
+                      "a finite number >= 0")
+        _check_number("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
+        _check_int("top_k", self.top_k, -1, MAX_INT64, allowed="-1 or 0 (disabled), else in [1, 2**63 - 1]")
+        _check_number("min_p", self.min_p, lambda m: 0 <= m <= 1, "in [0, 1]")
+        _check_int("seed", self.seed, 0, MAX_INT64, optional=True, allowed="None or an int in [0, 2**63 - 1]")
+
+    def _check_lengths(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1, optional=True)
+        _check_int("min_tokens", self.min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens={self.min_tokens} is out of range: must be <= max_tokens={self.max_tokens}"
             )
+
+    def _check_stops(self) -> None:
         if self.stop is None:
             self.stop_list = []
         elif isinstance(self.stop, str):
@@ -77,19 +147,17 @@ class SamplingParams:
         elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
             self.stop_list = list(self.stop)
         else:
-            raise TypeError(f"stop={self.stop!r} must be a str or a list of str")
+            raise _type_error("stop", self.stop, "None, a str or a list of str")
         if any(s == "" for s in self.stop_list):
             raise ValueError("stop strings must not be empty")
-        if self.stop_token_ids is not None:
-            ids = self.stop_token_ids
-            if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
-                raise TypeError(f"stop_token_ids={ids!r} must be a list of ints >= 0")
-            self.stop_token_ids = list(ids)
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"logprobs={self.logprobs!r} is out of range: must be None or an int >= 0")
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        ids = self.stop_token_ids
+        if ids is None:
+            return
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
+            raise _type_error("stop_token_ids", ids, "None or a list of ints")
+        if any(i < 0 for i in ids):
+            raise ValueError(f"stop_token_ids={ids!r} is out of range: token ids must be >= 0")
+        self.stop_token_ids = list(ids)
 
     @property
     def is_greedy(self) -> bool:
