@@ -20,12 +20,13 @@ PROMPTS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description="Generate chat completions with my-vllm")
     parser.add_argument("--model", default="./huggingface/Qwen3-0.6B", help="checkpoint directory or hub id")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per completion (default: %(default)s)")
     parser.add_argument("--enable-thinking", action="store_true", help="let Qwen3 think before answering")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (the checkpoint's), bfloat16, float16 or float32 (default: %(default)s)")
     args = parser.parse_args()
 
     llm = LLM(args.model, enforce_eager=args.enforce_eager, device=args.device, dtype=args.dtype)
