@@ -56,14 +56,14 @@ def gpu_busy_fraction(prof) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--num-scheduler-steps", type=int, default=8)
+    parser.add_argument("--num-decode-passes", type=int, default=8)
     parser.add_argument("--profile-steps", type=int, default=12, help="engine steps in the profiler window")
     parser.add_argument("--skip-steps", type=int, default=40, help="engine steps before the window")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     llm = LLM("dummy:qwen3-0.6b", load_format="dummy", skip_tokenizer_init=True,
-              num_scheduler_steps=args.num_scheduler_steps)
+              num_decode_passes=args.num_decode_passes)
     engine = llm.engine
     prompts, params = workload(args.num_seqs, 1024, 1024, 0)
     llm.generate([[1] * 300, [2] * 1024], SamplingParams(temperature=0.6, max_tokens=32, ignore_eos=True),
@@ -72,10 +72,10 @@ def main() -> None:
     t = defaultdict(float)
     engine.scheduler.schedule = timed(engine.scheduler.schedule, t, "schedule")
     engine.runner.execute = timed(engine.runner.execute, t, "execute")
-    engine.runner.launch_decode = timed(engine.runner.launch_decode, t, "launch_decode")
     engine.runner.collect = timed(engine.runner.collect, t, "collect")
-    engine.scheduler.update = timed(engine.scheduler.update, t, "update")
-    engine.stop_checker.check = timed(engine.stop_checker.check, t, "stop_check")
+    engine.scheduler.update_from_output = timed(engine.scheduler.update_from_output, t, "update")
+    stops = engine.scheduler.stop_checker
+    stops.check = timed(stops.check, t, "stop_check")
 
     for p, sp in zip(prompts, params):
         engine.add_request(p, sp)
@@ -103,7 +103,7 @@ def main() -> None:
     out_tokens = sum(p.max_tokens for p in params)
 
     print(f"whole run: {total:.2f} s, {steps} engine steps, {out_tokens / total:.0f} output tok/s")
-    for key in ("schedule", "execute", "launch_decode", "collect", "update", "stop_check"):
+    for key in ("schedule", "execute", "collect", "update", "stop_check"):
         if t[key + "_calls"]:
             print(f"  {key:20s} {t[key]:7.3f} s  {t[key + '_calls']:6.0f} calls  "
                   f"{t[key] / t[key + '_calls'] * 1e3:8.3f} ms/call")

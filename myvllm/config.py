@@ -114,14 +114,16 @@ class EngineConfig:
     # Fixes the number of KV blocks (tests use it to force a tiny pool).
     num_kv_blocks: int | None = None
     cuda_graph_max_batch_size: int = 512
-    # Decode-only steps run this many forward passes per schedule (inputs of pass k+1 are
-    # the tokens sampled in pass k, on the device), amortising host work over them.
-    num_scheduler_steps: int = 8
+    # A decode-only batch runs up to this many forward passes (the inputs of pass k+1 are the
+    # tokens sampled in pass k, on the device), amortising host work over them.
+    num_decode_passes: int = 8
     # Schedule the next decode batch while the previous one runs on the device, so that the
     # host's work between batches overlaps the device's.
     async_scheduling: bool = True
     tensor_parallel_size: int = 1
     max_logprobs: int = 20
+    # The most completions one request may ask for (SamplingParams.n).
+    max_n: int = 256
     # Fused CUDA kernels built with nvcc at first use; off falls back to torch ops.
     use_cuda_kernels: bool = True
     revision: str | None = None
@@ -161,9 +163,10 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _check_int("num_kv_blocks", self.num_kv_blocks, 1)
         _check_int("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size, 1)
-        _check_int("num_scheduler_steps", self.num_scheduler_steps, 1)
+        _check_int("num_decode_passes", self.num_decode_passes, 1)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("max_logprobs", self.max_logprobs, 0)
+        _check_int("max_n", self.max_n, 1)
         device = resolve_device(self.device)
         object.__setattr__(self, "device", str(device))
         tp = self.tensor_parallel_size

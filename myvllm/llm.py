@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 
 from tqdm.auto import tqdm
 
@@ -27,14 +28,17 @@ class LLM:
     def __init__(self, model: str, **engine_args) -> None:
         self.config = EngineConfig.from_kwargs(model, **engine_args)
         self.engine = LLMEngine(self.config)
+        # `del llm` frees the device memory at once, so that a next LLM fits
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
     def shutdown(self) -> None:
-        """Stop the engine's tensor-parallel worker processes, if any (also done when the LLM
-        is garbage-collected, and at exit). Idempotent; the LLM cannot generate afterwards."""
-        self.engine.shutdown()
+        """Stop the engine: its tensor-parallel worker processes, if any, and its device memory
+        (also done when the LLM is garbage-collected, and at exit). Idempotent; the LLM cannot
+        generate afterwards."""
+        self._finalizer()
 
     @staticmethod
     def _normalize_prompts(prompts) -> list[PromptType]:
@@ -46,6 +50,20 @@ class LLM:
         raise TypeError(
             f"prompts must be a str, a list of str, a list of token-id lists or dicts; got {type(prompts).__name__}"
         )
+
+    @staticmethod
+    def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != num_prompts:
+                raise ValueError(f"got {len(sampling_params)} SamplingParams for {num_prompts} prompts: "
+                                 f"pass one, or one per prompt")
+            return list(sampling_params)
+        raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
+                        f"got {type(sampling_params).__name__}")
 
     def generate(
         self,
@@ -59,33 +77,18 @@ class LLM:
         is left as it was.
         """
         prompts = self._normalize_prompts(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(prompts)
-        elif isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(
-                    f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt"
-                )
-            params = list(sampling_params)
-        else:
-            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
-                            f"got {type(sampling_params).__name__}")
+        params = self._params_per_prompt(sampling_params, len(prompts))
         engine = self.engine
-        for p in params:
-            engine.check_params(p)
-        checked = []
-        for i, prompt in enumerate(prompts):
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                checked.append(engine.tokenize_prompt(prompt))
+                requests.append(engine.processor.process(prompt, p))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"prompt {i}: {e}") from e
         ids: list[str] = []
         try:  # queueing included: an interrupt between two add_request calls leaves nothing behind
-            for (text, tok), p in zip(checked, params):
-                ids.append(engine.add_request({"prompt_token_ids": tok}, p))
-                engine.requests[ids[-1]].prompt = text
+            for request in requests:
+                ids.append(engine.add_request(request))
             outputs = self._run(ids, use_tqdm)
         except BaseException:  # KeyboardInterrupt included: leave the engine clean for the next call
             for rid in ids:
@@ -122,10 +125,8 @@ class LLM:
         enable_thinking: bool | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them, through
-        the tokenizer's chat template. enable_thinking is passed to the template (Qwen3)."""
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None:
-            raise ValueError("chat needs a tokenizer, but skip_tokenizer_init=True")
+        the tokenizer's chat template. enable_thinking is passed to the template (Qwen3).
+        Each output's `prompt` is the rendered template text."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
@@ -134,12 +135,8 @@ class LLM:
             kwargs["enable_thinking"] = enable_thinking
         prompts = []
         for i, conv in enumerate(conversations):
-            if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
-                raise TypeError(f"conversation {i} must be a list of {{'role', 'content'}} dicts")
-            text = tokenizer.apply_chat_template(list(conv), tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt, **kwargs)
-            prompts.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        outputs = self.generate(prompts, sampling_params, use_tqdm)
-        for out, p in zip(outputs, prompts):
-            out.prompt = tokenizer.decode(p["prompt_token_ids"])
-        return outputs
+            try:
+                prompts.append(self.engine.processor.render_chat(conv, add_generation_prompt, kwargs))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"conversation {i}: {e}") from e
+        return self.generate(prompts, sampling_params, use_tqdm)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from myvllm import LLM, SamplingParams
 from myvllm.outputs import RequestOutput
@@ -26,11 +26,12 @@ PROMPTS = [
 
 @dataclass
 class RunStats:
-    steps: int = 0
-    mixed_steps: int = 0  # steps with both a decode and a prefill chunk
-    chunked_steps: int = 0  # steps where some prefill chunk did not reach the end of its tokens
+    """What the scheduler counted over one run_checked call (max_batch: over the engine's life)."""
+
+    steps: int = 0  # batches scheduled
+    mixed_steps: int = 0  # batches with both a decode and a prefill chunk
+    chunked_steps: int = 0  # batches where some prefill chunk did not reach the end of its tokens
     max_batch: int = 0
-    batches: list = field(default_factory=list)
 
 
 def run_checked(llm: LLM, prompts, params: SamplingParams | list[SamplingParams],
@@ -41,30 +42,17 @@ def run_checked(llm: LLM, prompts, params: SamplingParams | list[SamplingParams]
     params = params if isinstance(params, list) else [params] * len(prompts)
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     results = {}
-    stats = stats if stats is not None else RunStats()
-    sched = engine.scheduler
-    original = sched.schedule
-
-    def recording_schedule():
-        b = original()
-        if b is not None:
-            stats.steps += 1
-            stats.max_batch = max(stats.max_batch, len(b.seqs))
-            decode = [c + 1 == len(s) and n == 1 for s, n, c in zip(b.seqs, b.num_new_tokens, b.num_computed_tokens)]
-            if any(decode) and not all(decode):
-                stats.mixed_steps += 1
-            if not all(b.samples(i) for i in range(len(b.seqs))):
-                stats.chunked_steps += 1
-        return b
-
-    sched.schedule = recording_schedule
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                results[out.request_id] = out
-            engine.check_integrity()
-    finally:
-        sched.schedule = original
+    before = engine.get_stats()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id] = out
+        engine.check_integrity()
+    after = engine.get_stats()
+    if stats is not None:
+        stats.steps += after["num_batches"] - before["num_batches"]
+        stats.mixed_steps += after["num_mixed_batches"] - before["num_mixed_batches"]
+        stats.chunked_steps += after["num_chunked_batches"] - before["num_chunked_batches"]
+        stats.max_batch = max(stats.max_batch, after["max_batch_seqs"])
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks, "blocks leaked after all requests finished"
     assert all(c == 0 for c in bm.ref_counts)

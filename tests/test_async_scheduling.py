@@ -1,11 +1,11 @@
-"""Scheduling ahead: the next decode window is launched before the previous one is read back.
+"""Scheduling ahead: the next decode batch is launched before the previous one is read back.
 
-With async_scheduling (the default) the engine schedules decode window N+1 while window N's
-tokens are still in flight, feeds N's last tokens to N+1 on the device, and reads N back
-afterwards. Outputs must equal those of the engine that reads every window back first, with
-stops inside a window (the sequence then ran one extra window for nothing), preemption of
-sequences whose tokens are in flight, logprobs, n > 1 and seeded sampling; and an abort while
-a window is in flight must free everything.
+With async_scheduling (the default) the engine schedules decode batch N+1 (a window of up to
+num_decode_passes passes) while batch N's tokens are still in flight, feeds N's last tokens
+to N+1 on the device, and reads N back afterwards. Outputs must equal those of the engine
+that reads every batch back first, with stops inside a batch's passes (the sequence then ran
+one extra batch for nothing), preemption of sequences whose tokens are in flight, logprobs,
+n > 1 and seeded sampling; and an abort while a batch is in flight must free everything.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from engine_utils import SMALL_KV, run_checked
 from myvllm import LLM, SamplingParams
 
 BS = 16
-ENGINE_KW = dict(kvcache_block_size=BS, max_model_len=96, num_scheduler_steps=4, **SMALL_KV)
+ENGINE_KW = dict(kvcache_block_size=BS, max_model_len=96, num_decode_passes=4, **SMALL_KV)
 VOCAB = 512
 
 
@@ -96,33 +96,34 @@ def test_async_equals_sync(tiny_model_dir, workload, expected, num_kv_blocks):
     stops = [c.finish_reason for o in outs for c in o.outputs]
     assert stops.count("stop") >= 4, "the workload must stop some sequences inside a window"
     if num_kv_blocks is not None:
-        assert llm.engine.scheduler.num_preemptions > 0, "the tight pool must preempt"
-    assert llm.engine._inflight is None or all(s.is_finished for s in llm.engine._inflight.batch.seqs)
+        assert llm.engine.get_stats()["num_preemptions"] > 0, "the tight pool must preempt"
+    assert llm.engine._in_flight is None or all(s.is_finished for s in llm.engine._in_flight.batch.seqs)
 
 
 def count_overlaps(llm: LLM, prompts, params) -> tuple[int, int]:
     """(windows launched while another was not yet read back, windows launched)."""
     runner = llm.engine.runner
-    launch, collect = runner.launch_decode, runner.collect
+    launch, collect = runner.execute, runner.collect
     open_windows: set[int] = set()
     counts = [0, 0]
 
     def launching(batch, prev=None):
         window = launch(batch, prev)
-        counts[0] += bool(open_windows)
-        counts[1] += 1
-        open_windows.add(id(window))
+        if batch.is_decode_only:
+            counts[0] += bool(open_windows)
+            counts[1] += 1
+            open_windows.add(id(window))
         return window
 
     def collecting(window):
         open_windows.discard(id(window))
         return collect(window)
 
-    runner.launch_decode, runner.collect = launching, collecting
+    runner.execute, runner.collect = launching, collecting
     try:
         run_checked(llm, prompts, params)
     finally:
-        runner.launch_decode, runner.collect = launch, collect
+        runner.execute, runner.collect = launch, collect
     return counts[0], counts[1]
 
 
@@ -140,7 +141,7 @@ def test_abort_while_a_window_is_in_flight(tiny_model_dir, sync_llm):
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
     keep, drop = [[21, 22, 23]], [[31, 32]]
     ids = [engine.add_request(p, params) for p in keep + drop]
-    while engine._inflight is None or not engine.requests[ids[1]].seqs[0].num_inflight_tokens:
+    while engine._in_flight is None or not engine.requests[ids[1]].seqs[0].num_inflight_tokens:
         engine.step()
     partial = engine.abort_request(ids[1])
     assert partial.outputs[0].finish_reason == "abort"

@@ -75,13 +75,13 @@ def test_preemption_by_recompute(tiny_model_dir, reference):
     llm = LLM(tiny_model_dir, kvcache_block_size=16, max_model_len=128, num_kv_blocks=8,
               dtype="float32", device="cpu")
     check_equal(run_checked(llm, ids, GREEDY), expected)
-    assert llm.engine.scheduler.num_preemptions > 0, "the tiny pool forced no preemption"
+    assert llm.engine.get_stats()["num_preemptions"] > 0, "the tiny pool forced no preemption"
 
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_scheduler_steps_do_not_change_outputs(tiny_model_dir, reference, steps):
     ids, expected = reference
-    llm = LLM(tiny_model_dir, kvcache_block_size=16, num_scheduler_steps=steps, **SMALL_KV)
+    llm = LLM(tiny_model_dir, kvcache_block_size=16, num_decode_passes=steps, **SMALL_KV)
     check_equal(run_checked(llm, ids, GREEDY), expected)
 
 
@@ -144,7 +144,7 @@ def test_eos_stops_generation(tiny_model_dir, reference):
 
 @pytest.mark.parametrize("steps, lengths", [(1, [1, 2, 3, 4, 5, 6]), (4, [1, 5, 6])])
 def test_streaming_outputs_grow_until_finished(tiny_model_dir, steps, lengths):
-    llm = LLM(tiny_model_dir, kvcache_block_size=16, num_scheduler_steps=steps, **SMALL_KV)
+    llm = LLM(tiny_model_dir, kvcache_block_size=16, num_decode_passes=steps, **SMALL_KV)
     engine = llm.engine
     rid = engine.add_request("the quick brown fox", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                              stream=True)

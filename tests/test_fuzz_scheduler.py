@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from myvllm.runtime.block_manager import BlockManager
 from myvllm.runtime.scheduler import Scheduler
 from myvllm.runtime.sequence import Sequence, SequenceStatus
+from myvllm.sample.output import PassOutput
 from myvllm.sampling_params import SamplingParams
 
 CI_EXAMPLES = 120
@@ -60,7 +61,7 @@ class Workload:
     max_num_seqs: int
     budget: int
     prefix_caching: bool
-    num_scheduler_steps: int
+    num_decode_passes: int
     max_model_len: int
 
 
@@ -117,14 +118,34 @@ def workloads(draw) -> Workload:
         max_num_seqs=draw(st.integers(1, 8)),
         budget=draw(st.integers(1, 64)),
         prefix_caching=draw(st.sampled_from([True, True, False])),
-        num_scheduler_steps=draw(st.sampled_from([1, 1, 2, 8])),
+        num_decode_passes=draw(st.sampled_from([1, 1, 2, 8])),
         max_model_len=max_model_len,
     )
 
 
-def fake_token(seq: Sequence) -> int:
-    """A 'model': the next token depends only on the sequence's content."""
-    return 7 + (seq.token_ids[-1] * 31 + len(seq.token_ids) * 17) % 101
+def fake_tokens(seq: Sequence, n: int) -> list[int]:
+    """A 'model': the next n tokens, each depending only on the sequence's content before it."""
+    tokens = list(seq.token_ids)
+    for _ in range(n):
+        tokens.append(7 + (tokens[-1] * 31 + len(tokens) * 17) % 101)
+    return tokens[len(seq.token_ids):]
+
+
+class WorkloadStops:
+    """The workload's stop rules, as the scheduler's stop checker: a request may stop after
+    stop_at tokens ("stop"), else at max_tokens or max_model_len ("length")."""
+
+    def __init__(self, reqs: list[Request], max_model_len: int) -> None:
+        self.reqs, self.max_model_len = reqs, max_model_len
+
+    def check(self, seq: Sequence) -> tuple[str, None] | None:
+        r = self.reqs[int(seq.request_id)]
+        n = seq.num_received_output_tokens
+        if r.stop_at is not None and n == r.stop_at:
+            return "stop", None
+        if n >= r.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length", None
+        return None
 
 
 def expected_outputs(r: Request, max_model_len: int) -> tuple[int, str]:
@@ -169,9 +190,10 @@ def check_state(sched: Scheduler, kv: dict[tuple[int, int], int], reqs: list[Req
 def simulate(w: Workload, stats: FuzzStats | None = None) -> int:
     """Serve the workload to the end, checking invariants each step; returns the steps taken."""
     bm = BlockManager(w.num_blocks, w.block_size, w.prefix_caching)
-    sched = Scheduler(bm, w.max_num_seqs, w.budget, None, w.max_model_len, w.num_scheduler_steps)
-    kv: dict[tuple[int, int], int] = {}  # (block, offset) -> token whose K/V it holds
     reqs = w.requests
+    sched = Scheduler(bm, WorkloadStops(reqs, w.max_model_len), w.max_num_seqs, w.budget, w.max_model_len,
+                      w.num_decode_passes)
+    kv: dict[tuple[int, int], int] = {}  # (block, offset) -> token whose K/V it holds
     total_tokens = sum(len(r.prompt) + r.max_tokens for r in reqs)
     last_arrival = reqs[-1].arrival_step
     # Each step computes at least one token; preemption recomputes, aborts only shorten.
@@ -183,20 +205,13 @@ def simulate(w: Workload, stats: FuzzStats | None = None) -> int:
     multi = 0
     aborts = 0
 
-    def finish_if_done(seq: Sequence) -> None:
-        r = reqs[int(seq.request_id)]
-        n = seq.num_received_output_tokens
-        if r.stop_at is not None and n == r.stop_at:
-            sched.finish(seq, "stop")
-        elif n >= r.max_tokens or len(seq.token_ids) >= w.max_model_len:
-            sched.finish(seq, "length")
-
     while True:
         while next_req < len(reqs) and reqs[next_req].arrival_step <= step:
             r = reqs[next_req]
-            r.seq = Sequence(next_req, str(next_req), r.prompt, SamplingParams(max_tokens=r.max_tokens,
-                                                                                 ignore_eos=True),
-                             arrival=next_req)
+            # a stop token that never comes keeps the per-token stop checks of requests with stop_at
+            never = None if r.stop_at is None else [1 << 30]
+            params = SamplingParams(max_tokens=r.max_tokens, ignore_eos=True, stop_token_ids=never)
+            r.seq = Sequence(next_req, str(next_req), r.prompt, params, arrival=next_req)
             sched.add(r.seq)
             next_req += 1
         for r in reqs[:next_req]:
@@ -223,31 +238,24 @@ def simulate(w: Workload, stats: FuzzStats | None = None) -> int:
             if s.seq_id not in seen:
                 seen.add(s.seq_id)
                 admitted.append(s)
-        num_steps = batch.num_steps
-        if num_steps > 1:
+        if batch.num_passes > 1:
             multi += 1
-            assert batch.is_decode_only and len(batch.step_limits) == len(batch.seqs)
-        if num_steps == 1:
-            sampled = []
-            for s, n in zip(batch.seqs, batch.num_new_tokens):
-                c = s.num_computed_tokens
-                assert len(s.block_table) * w.block_size >= c + n, f"{s} computes past its blocks"
-                for p in range(c, c + n):
-                    kv[(s.block_table[p // w.block_size], p % w.block_size)] = s.token_ids[p]
-                sampled.append(fake_token(s) if c + n == len(s) else None)
-            for s in sched.update(batch, sampled):
-                finish_if_done(s)
-        else:  # the engine's order: launch (tokens in flight), then each seq's passes in turn
-            starts = [s.num_computed_tokens for s in batch.seqs]
-            sched.advance_window(batch)
-            for s, c0, limit in zip(batch.seqs, starts, batch.step_limits):
-                for c in range(c0, c0 + limit):
-                    if s.status is not SequenceStatus.RUNNING:
-                        break
-                    assert len(s.block_table) * w.block_size >= c + 1, f"{s} computes past its blocks"
-                    kv[(s.block_table[c // w.block_size], c % w.block_size)] = s.token_ids[c]
-                    sched.receive_tokens(s, [fake_token(s)])
-                    finish_if_done(s)
+            assert batch.is_decode_only and len(batch.passes_kept) == len(batch.seqs)
+        # the engine's order: launch (tokens in flight), then the tokens of every pass arrive
+        starts = [s.num_computed_tokens for s in batch.seqs]
+        known = [list(s.token_ids) for s in batch.seqs]
+        sampled = [fake_tokens(s, batch.num_passes) if batch.sampling[i] else [None] * batch.num_passes
+                   for i, s in enumerate(batch.seqs)]
+        sched.launched(batch)
+        passes = [PassOutput([row[k] for row in sampled], [None] * len(sampled)) for k in range(batch.num_passes)]
+        sched.update_from_output(batch, passes)
+        for i, (s, c0, n, kept) in enumerate(zip(batch.seqs, starts, batch.num_new_tokens, batch.passes_kept)):
+            # the K/V each pass computed: its chunk, or the input token of each pass kept, until the seq stopped
+            tokens = known[i] + [t for t in sampled[i] if t is not None]
+            end = c0 + n if batch.num_passes == 1 else c0 + min(kept, len(s.token_ids) - len(known[i]))
+            assert len(s.block_table) * w.block_size >= end or s.is_finished, f"{s} computes past its blocks"
+            for p in range(c0, end if s.status is SequenceStatus.RUNNING else c0):
+                kv[(s.block_table[p // w.block_size], p % w.block_size)] = tokens[p]
         check_state(sched, kv, reqs)
 
     # FIFO: first admissions follow arrival order
@@ -267,7 +275,7 @@ def simulate(w: Workload, stats: FuzzStats | None = None) -> int:
         stats.requests += len(reqs)
         stats.steps += step
         stats.multi_step_batches += multi
-        stats.preemptions += sched.num_preemptions
+        stats.preemptions += sched.stats.num_preemptions
         stats.aborts += aborts
         stats.hit_tokens += bm.num_hits
         stats.max_steps_per_token = max(stats.max_steps_per_token, (step - last_arrival) / total_tokens)
@@ -314,7 +322,7 @@ def test_simulation_catches_a_block_handed_to_two_sequences(monkeypatch):
     monkeypatch.setattr(BlockManager, "_take_free_block", leaky)
     w = Workload([Request(0, list(range(1, 9)), 4, None, None), Request(0, list(range(20, 29)), 4, None, None)],
                  block_size=4, num_blocks=16, max_num_seqs=4, budget=64, prefix_caching=False,
-                 num_scheduler_steps=1, max_model_len=64)
+                 num_decode_passes=1, max_model_len=64)
     with pytest.raises(AssertionError):
         simulate(w)
 
@@ -325,7 +333,7 @@ def test_simulation_handles_preemption_and_multi_step():
     reqs = [Request(0, prompt, 12, None, None), Request(0, prompt, 12, None, None),
             Request(1, list(range(200, 203)), 20, 5, None), Request(2, prompt[:9], 8, None, 3)]
     w = Workload(reqs, block_size=4, num_blocks=8, max_num_seqs=4, budget=16, prefix_caching=True,
-                 num_scheduler_steps=4, max_model_len=40)
+                 num_decode_passes=4, max_model_len=40)
     stats = FuzzStats()
     simulate(w, stats)
     assert stats.preemptions > 0 and stats.multi_step_batches > 0 and stats.hit_tokens > 0

@@ -89,7 +89,7 @@ def run_engine(path: str, prompts, repeat: int = 1, **kw):
     engine = llm.engine
     engine.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    stats = dict(preemptions=engine.scheduler.num_preemptions, hits=engine.block_manager.num_hits)
+    stats = dict(preemptions=engine.get_stats()["num_preemptions"], hits=engine.block_manager.num_hits)
     del llm, engine
     gc.collect()  # the engine's runner and graph runner refer to each other
     torch.cuda.empty_cache()

@@ -291,7 +291,7 @@ BAD_INPUTS: list[Bad] = [
     Bad("max_model_len=1", engine_args(max_model_len=1), ValueError, ("max_model_len=1", ">= 2")),
     Bad("num_kv_blocks=3 (max_model_len=64 needs 4)", engine_args(num_kv_blocks=3), ValueError,
         ("3 blocks", "max_model_len=64", "needs 4 blocks")),
-    Bad("num_scheduler_steps=0", engine_args(num_scheduler_steps=0), ValueError, ("num_scheduler_steps=0", ">= 1")),
+    Bad("num_decode_passes=0", engine_args(num_decode_passes=0), ValueError, ("num_decode_passes=0", ">= 1")),
     # model and checkpoint
     Bad("model path missing", lambda c: LLM(os.path.join(c.scratch, "no", "such", "model"), **ENGINE_KW),
         ValueError, ("no/such/model", "neither a local directory nor a hub id", "download")),
@@ -419,7 +419,7 @@ def test_explicit_request_id_does_not_collide_with_generate(llm):
 @pytest.mark.parametrize("prompt_len, max_tokens", [(1, None), (40, 100), (MAX_LEN - 1, 5), (MAX_LEN - 2, None)])
 def test_prompt_plus_max_tokens_beyond_max_model_len_stops_with_length(tiny_model_dir, hf_tiny, steps,
                                                                       prompt_len, max_tokens):
-    llm = LLM(tiny_model_dir, num_scheduler_steps=steps, num_kv_blocks=5, **ENGINE_KW)
+    llm = LLM(tiny_model_dir, num_decode_passes=steps, num_kv_blocks=5, **ENGINE_KW)
     prompt = [(7 * i + 3) % VOCAB for i in range(prompt_len)]
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, n=2)
     out = run_checked(llm, [prompt, prompt[: max(1, prompt_len // 2)]], sp)[0]
@@ -472,10 +472,10 @@ def ample_outputs(llm):
 @pytest.mark.parametrize(
     "engine_kw",
     [
-        dict(num_kv_blocks=4, num_scheduler_steps=1),
-        dict(num_kv_blocks=5, num_scheduler_steps=8, max_num_batched_tokens=32),
-        dict(num_kv_blocks=6, num_scheduler_steps=8, max_num_seqs=3, enable_prefix_caching=False),
-        dict(num_kv_blocks=8, num_scheduler_steps=4, max_num_batched_tokens=16),
+        dict(num_kv_blocks=4, num_decode_passes=1),
+        dict(num_kv_blocks=5, num_decode_passes=8, max_num_batched_tokens=32),
+        dict(num_kv_blocks=6, num_decode_passes=8, max_num_seqs=3, enable_prefix_caching=False),
+        dict(num_kv_blocks=8, num_decode_passes=4, max_num_batched_tokens=16),
     ],
     ids=["4blocks", "5blocks-chunked", "6blocks-nocache", "8blocks-budget16"],
 )
@@ -483,7 +483,7 @@ def test_tiny_pool_outputs_equal_ample_pool(tiny_model_dir, ample_outputs, engin
     llm = LLM(tiny_model_dir, **{**ENGINE_KW, **engine_kw})
     prompts, sps = pressure_workload()
     outs = run_checked(llm, prompts, sps)  # integrity after every step, no block leaked
-    assert llm.engine.scheduler.num_preemptions > 0, "the pool was not tight enough to preempt"
+    assert llm.engine.get_stats()["num_preemptions"] > 0, "the pool was not tight enough to preempt"
     assert outputs_key(outs) == outputs_key(ample_outputs)
     for o, ref in zip(outs, ample_outputs):
         for c, r in zip(o.outputs, ref.outputs):
@@ -499,7 +499,7 @@ def test_many_requests_through_a_minimal_pool(tiny_model_dir, llm):
     prompts, sps = pressure_workload(num=60, seed=11)
     outs = run_checked(tight, prompts, sps)
     assert outputs_key(outs) == outputs_key(llm.generate(prompts, sps, use_tqdm=False))
-    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.get_stats()["num_preemptions"] > 0
     assert_clean(tight.engine)
 
 
@@ -507,7 +507,7 @@ def test_many_requests_through_a_minimal_pool(tiny_model_dir, llm):
 
 
 def test_abort_running_waiting_and_preempted_requests(tiny_model_dir, llm):
-    tight = LLM(tiny_model_dir, num_kv_blocks=4, max_num_seqs=4, num_scheduler_steps=1, **ENGINE_KW)
+    tight = LLM(tiny_model_dir, num_kv_blocks=4, max_num_seqs=4, num_decode_passes=1, **ENGINE_KW)
     engine, bm = tight.engine, tight.engine.block_manager
     rng = random.Random(3)
     prompts = [[rng.randrange(1, VOCAB) for _ in range(20)] for _ in range(7)]

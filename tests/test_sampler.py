@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from myvllm.layers.sampler import Sampler, SamplingTensors, apply_min_p, apply_top_k_top_p
+from myvllm.sample.metadata import SamplingMetadata
+from myvllm.sample.sampler import Sampler, apply_min_p, apply_top_k_top_p
 
 NEG_INF = float("-inf")
 
@@ -47,15 +48,15 @@ def test_min_p_drops_tokens_below_fraction_of_max():
     assert torch.equal(out[1], probs[1])
 
 
-def st_for(rows: int, temperature: float, gen: torch.Generator, **kw) -> SamplingTensors:
-    return SamplingTensors(temperatures=torch.full((rows,), temperature), greedy=None, all_greedy=False,
+def st_for(rows: int, temperature: float, gen: torch.Generator, **kw) -> SamplingMetadata:
+    return SamplingMetadata(temperatures=torch.full((rows,), temperature), greedy=None, all_greedy=False,
                            generator=gen, **kw)
 
 
 def test_greedy_rows_take_argmax_in_a_mixed_batch():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     greedy = torch.tensor([True, False, True, False, True, False])
-    st = SamplingTensors(temperatures=torch.tensor([1.0, 5.0, 1.0, 5.0, 1.0, 5.0]), greedy=greedy,
+    st = SamplingMetadata(temperatures=torch.tensor([1.0, 5.0, 1.0, 5.0, 1.0, 5.0]), greedy=greedy,
                          all_greedy=False, generator=torch.Generator().manual_seed(1))
     out = Sampler()(logits, st).token_ids
     assert torch.equal(out[greedy], logits.argmax(-1)[greedy])
@@ -107,7 +108,7 @@ def test_seeded_rows_do_not_depend_on_the_batch():
 
 def test_logprobs_and_ranks():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    st = SamplingTensors(temperatures=torch.ones(1), greedy=None, all_greedy=True, num_logprobs=2)
+    st = SamplingMetadata(temperatures=torch.ones(1), greedy=None, all_greedy=True, num_logprobs=2)
     out = Sampler()(logits, st)
     ref = torch.log_softmax(logits, -1)
     assert out.token_ids.tolist() == [1]
@@ -118,7 +119,7 @@ def test_logprobs_and_ranks():
 
 def test_banned_tokens_cannot_be_sampled():
     logits = torch.tensor([[0.0, 10.0, 1.0], [10.0, 0.0, 1.0]])
-    st = SamplingTensors(temperatures=torch.ones(2), greedy=None, all_greedy=True,
+    st = SamplingMetadata(temperatures=torch.ones(2), greedy=None, all_greedy=True,
                          banned_rows=torch.tensor([0, 1]), banned_tokens=torch.tensor([1, 0]))
     assert Sampler()(logits, st).token_ids.tolist() == [2, 2]
 

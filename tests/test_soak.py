@@ -239,7 +239,7 @@ class Soak:
         stats.rss_max = max(stats.rss_samples, default=stats.rss_end)
         gc.collect()
         stats.objects_end = len(gc.get_objects())
-        stats.preemptions = engine.scheduler.num_preemptions
+        stats.preemptions = engine.get_stats()["num_preemptions"]
         return stats
 
     def after_round(self) -> None:

@@ -51,21 +51,21 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> bool:
 
 
 def generate_checked(llm: LLM, params: list[SamplingParams]):
-    """Outputs of prompts() with block-manager checks; also counts multi-step decode steps."""
+    """Outputs of prompts() with block-manager checks; also the passes of every batch."""
     runner = llm.engine.runner
-    original = runner.launch_decode
+    original = runner.execute
     calls = []
 
     def counting(batch, prev=None):
-        calls.append(batch.num_steps)
+        calls.append(batch.num_passes)
         return original(batch, prev)
 
-    runner.launch_decode = counting
+    runner.execute = counting
     stats = RunStats()
     try:
         outs = run_checked(llm, prompts(), params, stats)
     finally:
-        runner.launch_decode = original
+        runner.execute = original
     return outs, stats, calls
 
 

@@ -9,22 +9,24 @@ Inputs live in static device buffers that every graph reads:
     block_tables                         [max_bs, max_blocks_per_seq]
     query_start_loc = arange(max_bs + 1), logits_indices = arange(max_bs) (fixed)
 
-A step with B sequences is padded by the scheduler to the smallest bucket P >= B;
-rows B..P-1 get slot -1 (write nothing) and seq_len 0 (attend to nothing) and are
-dropped. Host values go through pinned staging buffers, one copy per buffer. The final
-norm and the LM head run after the replay, on the B real rows only.
+A decode step with B sequences is padded here to the smallest bucket P >= B; rows
+B..P-1 get slot -1 (write nothing) and seq_len 0 (attend to nothing) and are dropped.
+Above the largest bucket the step runs eager. Host values go through pinned staging
+buffers, one copy per buffer. The final norm and the LM head run after the replay, on
+the B real rows only.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
 
 import torch
+from torch import nn
 
-from myvllm.attention.backend import AttentionMetadata
-from myvllm.config import EngineConfig
+from myvllm.attention.backend import AttentionBackend, AttentionMetadata
 from myvllm.runtime.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -42,13 +44,24 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
+def padded_size(batch_size: int, sizes: list[int]) -> int | None:
+    """Smallest size in the sorted list holding batch_size; None above them."""
+    i = bisect.bisect_left(sizes, batch_size)
+    return sizes[i] if i < len(sizes) else None
+
+
 class GraphRunner:
-    def __init__(self, runner, config: EngineConfig) -> None:
-        self.runner = runner
-        self.device = runner.device
-        self.max_batch_size = min(config.max_num_seqs, config.cuda_graph_max_batch_size)
-        self.batch_sizes = graph_batch_sizes(self.max_batch_size)
-        self.max_blocks = math.ceil(runner.max_model_len / runner.block_size)
+    """The decode CUDA graphs of one model: capture, padding, replay."""
+
+    def __init__(self, model: nn.Module, backend: AttentionBackend, device: torch.device, max_batch_size: int,
+                 max_model_len: int, block_size: int) -> None:
+        self.model = model  # forward(input_ids, positions, meta) -> (hidden, residual); logits(hidden, residual)
+        self.backend = backend
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len
+        self.batch_sizes = graph_batch_sizes(max_batch_size)
+        self.max_blocks = math.ceil(max_model_len / block_size)
         n, dev = self.max_batch_size, self.device
         # rows: input_ids, positions, slot_mapping
         self.tokens = torch.zeros(3, n, dtype=torch.int64, device=dev)
@@ -80,21 +93,21 @@ class GraphRunner:
             seq_lens=self.seq_lens[:bs],
             query_start_loc=self.query_start_loc[:bs + 1],
             max_query_len=1,
-            max_seq_len=self.runner.max_model_len,
+            max_seq_len=self.max_model_len,
             logits_indices=self.logits_indices[:bs],
             is_decode_only=True,
         )
 
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         meta = self._meta(bs)
-        self.runner.backend.prepare(meta)
-        return self.runner.model(self.tokens[0, :bs], self.tokens[1, :bs], meta)
+        self.backend.prepare(meta)
+        return self.model(self.tokens[0, :bs], self.tokens[1, :bs], meta)
 
     @torch.inference_mode()
     def capture_all(self) -> None:
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.device)[0]
-        self.runner.backend.init_graph_buffers(self.max_batch_size)
+        self.backend.init_graph_buffers(self.max_batch_size)
         for bs in reversed(self.batch_sizes):
             for _ in range(WARMUP_RUNS):  # compiles and tunes every kernel outside the capture
                 self._forward(bs)
@@ -112,12 +125,14 @@ class GraphRunner:
                     len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1], self.capture_time,
                     used / (1 << 30))
 
-    def can_run(self, inputs: StepInputs, padded_batch_size: int) -> bool:
-        return inputs.is_decode_only and padded_batch_size in self.graphs
+    def can_run(self, inputs: StepInputs) -> bool:
+        """Whether a captured graph runs this step: decode-only, at most the largest bucket."""
+        return inputs.is_decode_only and inputs.num_tokens <= self.max_batch_size
 
-    def load_host(self, inputs: StepInputs, padded_batch_size: int) -> None:
+    def load_host(self, inputs: StepInputs) -> None:
         """Stage a decode step's host inputs into the static buffers; padding rows write nothing."""
-        b, p = inputs.num_tokens, padded_batch_size
+        b = inputs.num_tokens
+        p = padded_size(b, self.batch_sizes)
         width = inputs.block_tables.shape[1]
         host_tokens, host_seq_lens, host_block_tables = self.staging[self.num_loads % 2]
         self.num_loads += 1
@@ -150,15 +165,11 @@ class GraphRunner:
         self.tokens[1:3, :b].copy_(positions_slots)
         self.seq_lens[:b].copy_(seq_lens)
 
-    def replay(self, num_seqs: int, padded_batch_size: int) -> torch.Tensor:
-        """Replay the bucket's graph; logits [num_seqs, vocab] of the real rows."""
-        self.runner.backend.prepare_replay(self._meta(padded_batch_size), padded_batch_size)
-        self.graphs[padded_batch_size].replay()
+    def replay(self, num_seqs: int) -> torch.Tensor:
+        """Replay the graph of num_seqs' bucket; logits [num_seqs, vocab] of the real rows."""
+        p = padded_size(num_seqs, self.batch_sizes)
+        self.backend.prepare_replay(self._meta(p), p)
+        self.graphs[p].replay()
         # every sequence of a decode-only step samples: the logits rows are 0..num_seqs-1
-        hidden, residual = self.outputs[padded_batch_size]
-        return self.runner.model.logits(hidden[:num_seqs], residual[:num_seqs])
-
-    def run(self, inputs: StepInputs, padded_batch_size: int) -> torch.Tensor:
-        """Replay on this step's host inputs; logits [len(inputs.logits_indices), vocab]."""
-        self.load_host(inputs, padded_batch_size)
-        return self.replay(inputs.num_tokens, padded_batch_size)
+        hidden, residual = self.outputs[p]
+        return self.model.logits(hidden[:num_seqs], residual[:num_seqs])

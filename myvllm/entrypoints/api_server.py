@@ -226,10 +226,10 @@ class _Server:
         params = sampling_params(req, self.engine.vocab_size)
         messages = req.template_messages()
         kwargs = dict(req.chat_template_kwargs or {})
-        prompt_ids = await self._engine_call(self.engine.call(
+        prompt = await self._engine_call(self.engine.call(
             lambda e: _render_chat(e, messages, req.add_generation_prompt, kwargs)))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._add([prompt_ids], params, rid, "messages", True, req.stream)
+        streams = await self._add([prompt], params, rid, "messages", True, req.stream)
         if req.stream:
             return _EventStream(self._chat_events(req, params, rid, streams[0]), streams)
         finals = await _until_done_or_disconnect(request, _collect(streams))
@@ -316,17 +316,14 @@ def _as_engine_prompt(prompt: str | list[int]) -> str | dict:
 
 
 def _render_chat(engine: LLMEngine, messages: list[dict], add_generation_prompt: bool,
-                 kwargs: dict[str, Any]) -> list[int]:
-    """Chat template -> prompt token ids, as LLM.chat does it (runs on the engine thread)."""
-    tokenizer = engine.tokenizer
-    if tokenizer is None:
+                 kwargs: dict[str, Any]) -> dict:
+    """Chat template -> the prompt, as LLM.chat renders it (runs on the engine thread)."""
+    if engine.tokenizer is None:
         raise bad_request("chat needs a tokenizer, but the server runs without one", "messages")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **kwargs)
-    except Exception as e:  # jinja2 errors included: the messages did not fit the template
-        raise bad_request(f"messages do not fit the chat template: {e}", "messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+        return engine.processor.render_chat(messages, add_generation_prompt, kwargs)
+    except (TypeError, ValueError) as e:
+        raise bad_request(str(e), "messages") from None
 
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

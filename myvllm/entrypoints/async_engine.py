@@ -230,7 +230,7 @@ class AsyncLLMEngine:
         bound = self.max_waiting_requests
 
         def add(engine: LLMEngine) -> RequestStream:
-            if bound is not None and _num_waiting_requests(engine, bound) >= bound:
+            if bound is not None and engine.get_stats()["num_waiting_requests"] >= bound:
                 raise EngineOverloaded(f"{bound} requests are waiting already (max_waiting_requests)")
             engine.add_request(prompt, params, request_id, stream=stream)
             self._streams[request_id] = handle
@@ -277,7 +277,7 @@ class AsyncLLMEngine:
 
     async def stats(self) -> dict[str, int]:
         """KV blocks and queue lengths, read on the engine thread."""
-        return await self.call(_stats)
+        return await self.call(LLMEngine.get_stats)
 
     def _submit_locked(self, command: _Command) -> None:
         if self._dead is not None or self._stopping or self._thread is None:
@@ -375,22 +375,3 @@ class AsyncLLMEngine:
             finally:
                 _call_soon(handle.loop, handle._fail, error)
         self._streams.clear()
-
-
-def _num_waiting_requests(engine: LLMEngine, bound: int) -> int:
-    waiting = engine.scheduler.waiting
-    if len(waiting) < bound:  # sequences >= requests: no need to count
-        return len(waiting)
-    return len({seq.request_id for seq in waiting})
-
-
-def _stats(engine: LLMEngine) -> dict[str, int]:
-    bm, sched = engine.block_manager, engine.scheduler
-    return {
-        "num_blocks": bm.num_blocks,
-        "num_free_blocks": bm.num_free_blocks,
-        "num_unfinished_requests": engine.num_unfinished_requests(),
-        "num_waiting_seqs": len(sched.waiting),
-        "num_running_seqs": len(sched.running),
-        "num_preemptions": sched.num_preemptions,
-    }

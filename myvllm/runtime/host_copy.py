@@ -1,15 +1,25 @@
-"""Device results copied to the host in the background.
+"""Copies between host and device that do not make the host wait for the device.
 
-A decode window's sampled tokens are needed on the host only after the next
-window has been launched, so their copy must not wait for the device: it goes to
-pinned memory with non_blocking=True, and an event marks when it has landed.
+Inputs go to the device through pinned memory (host_to_device). A decode window's
+sampled tokens are needed on the host only after the next window has been launched,
+so their copy goes to pinned memory with non_blocking=True, and an event marks when
+it has landed (HostCopy).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
+
+
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Copy a host array to the device without a host sync (through pinned memory on CUDA)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _on_cuda(value) -> bool:

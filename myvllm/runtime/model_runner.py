@@ -1,21 +1,23 @@
 """ScheduledBatch -> device tensors + AttentionMetadata -> model -> sampled tokens.
 
-The runner owns the model, the KV cache, the attention backend, the sampler and
-(on CUDA, unless enforce_eager) the decode CUDA graphs. One device-to-host copy
-per step brings the sampled ids back (plus the logprobs, when a request asks);
-decode-only batches are launched without waiting for it (launch_decode) and
-collected later (collect), so the host can prepare the next batch meanwhile.
+The runner owns the model, the KV cache, the attention backend and (on CUDA, unless
+enforce_eager) the decode CUDA graphs; the sampler reads a SamplingMetadata built by
+sample/metadata.py. `execute` launches a batch and returns without waiting for the
+device; `collect` reads its sampled tokens back (one device-to-host copy per batch, plus
+the logprobs when a request asks), so the host can prepare the next batch meanwhile.
+A decode-only batch may run several forward passes: pass k+1 reads the tokens pass k
+sampled, on the device.
 
 Under tensor parallelism every rank has a runner holding its shard of the model
-and of the KV cache. Rank 0's (in the engine's process) sends each step's inputs to
-the others (`workers`), which run the same forward through `forward_step` /
-`forward_multi_step`; the layers' collectives keep the ranks in step, and only
-rank 0 samples.
+and of the KV cache. Rank 0's (in the engine's process) sends each batch's inputs to
+the others (`workers`), which run the same passes through `forward_passes`; the
+layers' collectives keep the ranks in step, and only rank 0 samples.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -28,41 +30,28 @@ from myvllm.attention.selector import create_backend
 from myvllm.config import EngineConfig, ModelConfig
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
 from myvllm.kernels.fused_ops import FusedOps
-from myvllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.qwen3_opt import Qwen3ForCausalLM
-from myvllm.outputs import Logprob
 from myvllm.runtime import kv_cache
-from myvllm.runtime.host_copy import HostCopy
+from myvllm.runtime.host_copy import HostCopy, host_to_device
 from myvllm.runtime.scheduler import ScheduledBatch
-from myvllm.runtime.sequence import Sequence
-from myvllm.runtime.step_inputs import StepInputs, build_step_inputs, host_to_device, multi_step_arrays
+from myvllm.runtime.step_inputs import StepInputs, build_step_inputs, multi_pass_arrays
+from myvllm.sample.metadata import SamplingMetadata, SamplingMetadataBuilder
+from myvllm.sample.output import PassOutput, pass_output
+from myvllm.sample.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
 
-# Seeds of the fused sampler (62-bit, so they and their increments fit int64): SEED_MIX spreads user seeds apart,
-# and each sampling call of the engine owns ROWS_PER_CALL consecutive seeds.
-SEED_MIX = 0x9E3779B97F4A7C15 >> 1
-ROWS_PER_CALL = 1 << 20
-SEED_MASK = (1 << 62) - 1
-
 
 @dataclass
-class DecodeWindow:
-    """A launched decode-only batch whose tokens are on their way to the host."""
+class LaunchedBatch:
+    """A batch on the device whose sampled tokens are on their way to the host."""
 
     batch: ScheduledBatch
-    tokens: torch.Tensor  # [num_steps, B] on the device: the token each pass sampled per row
-    host_tokens: HostCopy  # of tokens
+    sample_rows: list[int]  # batch rows that sample, in the order of the sampled rows
+    tokens: torch.Tensor | None  # [num_passes, N] on the device: the token each pass sampled per row
+    host_tokens: HostCopy | None  # of tokens
     host_outs: list[HostCopy] | None  # of every pass's SamplerOutput, when a row asks for logprobs
-
-
-@dataclass
-class StepResult:
-    """Per scheduled sequence: its new token (None if its chunk did not end its tokens)."""
-
-    token_ids: list[int | None]
-    logprobs: list[tuple[float, dict[int, Logprob]] | None]  # (sampled logprob, entries) per seq
 
 
 @contextlib.contextmanager
@@ -105,9 +94,7 @@ class ModelRunner:
         self.tp.barrier()  # every rank loaded (a rank that failed is seen here, before any device collective)
         logger.info("model built and loaded in %.2f s (%s, %s)", time.perf_counter() - start, self.dtype, self.device)
         self.sampler = Sampler()
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.seq_generators: dict[int, torch.Generator] = {}
-        self._sample_calls = 0
+        self.sampling = SamplingMetadataBuilder(self.device, model_config.vocab_size, config.seed)
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.num_blocks = self._allocate_kv_cache()
         if self.device.type == "cuda":
@@ -116,7 +103,9 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             from myvllm.capture.graph_runner import GraphRunner
 
-            self.graph_runner = GraphRunner(self, config)
+            self.graph_runner = GraphRunner(self.model, self.backend, self.device,
+                                            min(config.max_num_seqs, config.cuda_graph_max_batch_size),
+                                            max_model_len, self.block_size)
             self.graph_runner.capture_all()
 
     # ---- KV cache ------------------------------------------------------------------------------
@@ -160,9 +149,9 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         logits = self._forward_eager(inputs)
-        st = SamplingTensors(temperatures=torch.ones(num_sampled, device=self.device), greedy=None,
-                             all_greedy=False, generator=self.generator)
-        self.sampler(logits, st)
+        meta = SamplingMetadata(all_greedy=False, temperatures=torch.ones(num_sampled, device=self.device),
+                                generator=self.sampling.generator)
+        self.sampler(logits, meta)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del scratch, logits
@@ -206,7 +195,7 @@ class ModelRunner:
             is_decode_only=decode,
         )
 
-    # ---- one step ------------------------------------------------------------------------------
+    # ---- one batch -----------------------------------------------------------------------------
 
     def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         input_ids, positions, meta = inputs.to_device(self.device)
@@ -218,134 +207,120 @@ class ModelRunner:
         hidden, residual = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden, residual, meta)
 
-    def _step_logits(self, inputs: StepInputs, padded_batch_size: int) -> torch.Tensor:
-        if self.graph_runner is not None and self.graph_runner.can_run(inputs, padded_batch_size):
-            return self.graph_runner.run(inputs, padded_batch_size)
-        return self._forward_eager(inputs)
-
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, in_flight: LaunchedBatch | None = None) -> LaunchedBatch:
+        """Launch the batch's passes without waiting for them; collect() returns their tokens.
+        Sequence i keeps its first batch.passes_kept[i] tokens; past that its rows write nothing
+        to the cache. A sequence with tokens in flight (seq.num_inflight_tokens > 0) takes its
+        input token from `in_flight`, the batch still computing it, on the device."""
         inputs = build_step_inputs(batch, self.block_size)
+        kept = np.asarray(batch.passes_kept, dtype=np.int64)
         if self.workers is not None:
-            self.workers.send("forward_step", inputs, batch.padded_batch_size)
-        logits = self._step_logits(inputs, batch.padded_batch_size)
-        sampling_seqs = [batch.seqs[i] for i in inputs.sample_rows]
-        result = self.sample(logits, sampling_seqs)
-        tokens: list[int | None] = [None] * len(batch.seqs)
-        logprobs: list = [None] * len(batch.seqs)
-        for row, token, lp in zip(inputs.sample_rows, result.token_ids, result.logprobs):
-            tokens[row] = token
-            logprobs[row] = lp
-        return StepResult(tokens, logprobs)
-
-    @torch.inference_mode()
-    def forward_step(self, inputs: StepInputs, padded_batch_size: int) -> None:
-        """A rank > 0's part of execute(): the same forward (its collectives matching rank 0's);
-        the logits are dropped, rank 0 samples. No host sync: rank 0 syncs at the end of every
-        decode step, after this rank's all-reduces of the step and so after its copies from the
-        graph runner's staging buffers, which the next step may overwrite."""
-        self._step_logits(inputs, padded_batch_size)
-
-    @torch.inference_mode()
-    def launch_decode(self, batch: ScheduledBatch, prev: DecodeWindow | None = None) -> DecodeWindow:
-        """Enqueue batch.num_steps decode passes of a decode-only batch without waiting for them;
-        pass k+1 reads the tokens pass k sampled on the device. Sequence i keeps its first
-        batch.limits[i] tokens; past that its rows write nothing to the cache.
-
-        A sequence with tokens in flight (seq.num_inflight_tokens > 0) takes its input token
-        from `prev`, the window still computing it, on the device. collect() returns the tokens."""
-        inputs = build_step_inputs(batch, self.block_size)
-        num_steps = batch.num_steps
-        limits = np.asarray(batch.limits, dtype=np.int64)
-        if self.workers is not None:
-            self.workers.send("forward_multi_step", inputs, batch.padded_batch_size, num_steps, limits)
-        first_ids = self._inflight_input_ids(batch, prev)
-        st = self.sampling_tensors(batch.seqs, num_passes=num_steps)
-        pass_seeds = st.fused_seeds  # [num_steps, B] or None
+            self.workers.send("forward_passes", inputs, batch.num_passes, kept)
+        first_ids = self._in_flight_input_ids(batch, in_flight)
+        sample_rows = inputs.sample_rows
+        seqs = [batch.seqs[i] for i in sample_rows]
+        if not seqs:  # prefill chunks that sample nothing
+            self._run_passes(inputs, batch.num_passes, kept, lambda k, logits: None, first_ids)
+            return LaunchedBatch(batch, sample_rows, None, None, None)
+        meta = self.sampling.build(seqs, batch.num_passes)
         outs: list[SamplerOutput] = []
 
         def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
-            if pass_seeds is not None:
-                st.fused_seeds = pass_seeds[k]
-            outs.append(self.sampler(logits, st))
+            outs.append(self.sampler(logits, meta, k))
             return outs[-1].token_ids
 
-        self._decode_passes(inputs, batch.padded_batch_size, num_steps, limits, sample, first_ids)
+        self._run_passes(inputs, batch.num_passes, kept, sample, first_ids)
         tokens = torch.stack([o.token_ids for o in outs])
-        host_outs = [HostCopy(o) for o in outs] if st.num_logprobs is not None else None
-        return DecodeWindow(batch, tokens, HostCopy(tokens), host_outs)
+        host_outs = [HostCopy(o) for o in outs] if meta.num_logprobs is not None else None
+        return LaunchedBatch(batch, sample_rows, tokens, HostCopy(tokens), host_outs)
 
-    def _inflight_input_ids(self, batch: ScheduledBatch,
-                            prev: DecodeWindow | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, token ids) on the device for the sequences whose last token is still in flight:
-        the token prev sampled in the last pass each of them kept."""
-        rows = [i for i, s in enumerate(batch.seqs) if s.num_inflight_tokens]
-        if not rows:
-            return None
-        assert prev is not None, "tokens in flight without the window computing them"
-        prev_row = {s.seq_id: i for i, s in enumerate(prev.batch.seqs)}
-        prev_rows = np.array([prev_row[batch.seqs[i].seq_id] for i in rows], dtype=np.int64)
-        prev_limits = np.asarray(prev.batch.limits, dtype=np.int64)
-        flat = (prev_limits[prev_rows] - 1) * prev.tokens.shape[1] + prev_rows
-        index = host_to_device(flat, self.device)
-        return host_to_device(np.asarray(rows, dtype=np.int64), self.device), prev.tokens.view(-1)[index]
-
-    def collect(self, window: DecodeWindow) -> list[StepResult]:
-        """The results of a launched window, one per pass (waits for its tokens)."""
+    def collect(self, launched: LaunchedBatch) -> list[PassOutput]:
+        """The sampled tokens of a launched batch, one PassOutput per pass (waits for them)."""
         self._await_workers()
-        seqs = window.batch.seqs
-        if window.host_outs is not None:
-            return [self._results(out.result(), seqs) for out in window.host_outs]
-        return [StepResult(tokens, [None] * len(seqs)) for tokens in window.host_tokens.result().tolist()]
+        batch = launched.batch
+        rows = launched.sample_rows
+        params = [batch.seqs[i].params for i in rows]
+        if launched.host_outs is not None:
+            return [pass_output(out.result(), params, rows, len(batch.seqs)) for out in launched.host_outs]
+        if launched.host_tokens is None:
+            return [pass_output(None, params, rows, len(batch.seqs))]
+        per_pass = launched.host_tokens.result().tolist()  # [num_passes, N]: the batch's one host sync
+        if len(rows) == len(batch.seqs):  # every row samples (decode-only batches)
+            return [PassOutput(tokens, [None] * len(tokens)) for tokens in per_pass]
+        outputs = []
+        for tokens in per_pass:
+            spread: list[int | None] = [None] * len(batch.seqs)
+            for row, token in zip(rows, tokens):
+                spread[row] = token
+            outputs.append(PassOutput(spread, [None] * len(spread)))
+        return outputs
 
     @torch.inference_mode()
-    def forward_multi_step(self, inputs: StepInputs, padded_batch_size: int, num_steps: int,
-                           step_limits: np.ndarray) -> None:
-        """A rank > 0's part of launch_decode(): the same passes, each pass's tokens
-        received from rank 0."""
+    def forward_passes(self, inputs: StepInputs, num_passes: int, passes_kept: np.ndarray) -> None:
+        """A rank > 0's part of execute(): the same passes (its collectives matching rank 0's),
+        each pass's tokens received from rank 0; the logits are dropped. No host sync: rank 0
+        syncs when it collects the batch, after this rank's all-reduces of the batch and so
+        after its copies from the graph runner's staging buffers, which the next batch may
+        overwrite."""
         b = inputs.num_tokens
 
         def receive(k: int, logits: torch.Tensor) -> torch.Tensor:
             return torch.empty(b, dtype=torch.int64, device=self.device)  # filled by the broadcast
 
-        self._decode_passes(inputs, padded_batch_size, num_steps, step_limits, receive)
+        self._run_passes(inputs, num_passes, passes_kept, receive)
 
-    def _decode_passes(self, inputs: StepInputs, padded_batch_size: int, num_steps: int, limits: np.ndarray,
-                       sample, first_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """The forward passes of a multi-step decode. sample(k, logits) gives pass k's tokens [B],
-        the input ids of pass k+1; under tensor parallelism rank 0's are broadcast to the other
-        ranks (a device collective: the host does not wait for it). first_ids (rows, ids)
-        overrides input ids of the first pass with values on the device."""
-        b = inputs.num_tokens  # one token per sequence
-        positions, slots, seq_lens = multi_step_arrays(inputs, num_steps, limits, self.block_size)
+    def _in_flight_input_ids(self, batch: ScheduledBatch,
+                             in_flight: LaunchedBatch | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, token ids) on the device for the sequences whose last token is still in flight:
+        the token in_flight sampled in the last pass each of them kept."""
+        rows = [i for i, s in enumerate(batch.seqs) if s.num_inflight_tokens]
+        if not rows:
+            return None
+        assert in_flight is not None and in_flight.tokens is not None, "tokens in flight without their batch"
+        prev = in_flight.batch
+        column = {prev.seqs[r].seq_id: j for j, r in enumerate(in_flight.sample_rows)}
+        cols = np.array([column[batch.seqs[i].seq_id] for i in rows], dtype=np.int64)
+        prev_kept = np.asarray(prev.passes_kept, dtype=np.int64)[np.asarray(in_flight.sample_rows)]
+        flat = (prev_kept[cols] - 1) * in_flight.tokens.shape[1] + cols
+        index = host_to_device(flat, self.device)
+        return host_to_device(np.asarray(rows, dtype=np.int64), self.device), in_flight.tokens.view(-1)[index]
+
+    def _run_passes(self, inputs: StepInputs, num_passes: int, passes_kept: np.ndarray, sample,
+                    first_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The forward passes of a batch. sample(k, logits) gives pass k's tokens [B], the input
+        ids of pass k+1; under tensor parallelism rank 0's are broadcast to the other ranks (a
+        device collective: the host does not wait for it). first_ids (rows, ids) overrides
+        input ids of the first pass with values on the device."""
         dev = self.device
-        # [K, 2, B]: pass k's positions and slots are one copy into the graph's inputs
-        pos_slots_d = host_to_device(np.stack([positions, slots], axis=1), dev)
-        seq_lens_d = host_to_device(seq_lens, dev)
-        graph = self.graph_runner if (self.graph_runner is not None
-                                      and self.graph_runner.can_run(inputs, padded_batch_size)) else None
+        graph = self.graph_runner if self.graph_runner is not None and self.graph_runner.can_run(inputs) else None
         if graph is not None:
-            graph.load_host(inputs, padded_batch_size)
+            graph.load_host(inputs)
             if first_ids is not None:
                 graph.load_input_ids(*first_ids)
         else:
-            input_ids, _, meta = inputs.to_device(dev)
+            input_ids, positions, meta = inputs.to_device(dev)
             if first_ids is not None:
                 input_ids.index_copy_(0, *first_ids)
+        if num_passes > 1:  # one token per sequence
+            pass_positions, slots, seq_lens = multi_pass_arrays(inputs, num_passes, passes_kept, self.block_size)
+            # [K, 2, B]: pass k's positions and slots are one copy into the graph's inputs
+            pos_slots_d = host_to_device(np.stack([pass_positions, slots], axis=1), dev)
+            seq_lens_d = host_to_device(seq_lens, dev)
         tokens = None
-        for k in range(num_steps):
+        for k in range(num_passes):
             if graph is not None:
                 if k > 0:
                     graph.load_device(tokens, pos_slots_d[k], seq_lens_d[k])
-                logits = graph.replay(b, padded_batch_size)
+                logits = graph.replay(inputs.num_tokens)
             else:
                 if k > 0:
-                    input_ids = tokens
+                    input_ids, positions = tokens, pos_slots_d[k, 0]
                     meta.slot_mapping, meta.seq_lens = pos_slots_d[k, 1], seq_lens_d[k]
                     meta.max_seq_len = int(seq_lens[k].max())
-                logits = self.forward(input_ids, pos_slots_d[k, 0], meta)
+                logits = self.forward(input_ids, positions, meta)
             tokens = sample(k, logits)
-            if k + 1 < num_steps:
+            if k + 1 < num_passes:
                 self.tp.broadcast(tokens, src=0)
 
     def _await_workers(self) -> None:
@@ -354,106 +329,22 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.wait_device(self.device)
 
-    # ---- sampling ------------------------------------------------------------------------------
-
-    def _generator_for(self, seq: Sequence) -> torch.Generator:
-        gen = self.seq_generators.get(seq.seq_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(seq.seed)
-            self.seq_generators[seq.seq_id] = gen
-        return gen
-
     def release(self, seq_ids: list[int]) -> None:
         """Forget per-sequence sampling state of finished sequences."""
-        for seq_id in seq_ids:
-            self.seq_generators.pop(seq_id, None)
+        self.sampling.release(seq_ids)
 
-    def _row_seeds(self, seqs: list[Sequence], num_passes: int | None = None) -> np.ndarray:
-        """Philox seeds of the fused sampler [B]: a seeded sequence's depend only on its seed and
-        its token index; the others on the engine seed and a per-call counter. With num_passes
-        (a multi-step decode), every pass's seeds [num_passes, B]: pass k draws seeded rows at
-        token index + k and the others k sampler calls later."""
-        self._sample_calls += 1
-        base = (self.config.seed * SEED_MIX + self._sample_calls * ROWS_PER_CALL) & SEED_MASK
-        seeds = np.arange(base, base + len(seqs), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            if s.seed is not None:
-                seeds[i] = (s.seed * SEED_MIX + s.num_output_tokens) & SEED_MASK
-        if num_passes is None:
-            return seeds
-        seeded = np.fromiter((s.seed is not None for s in seqs), dtype=bool, count=len(seqs))
-        step = np.where(seeded, 1, ROWS_PER_CALL).astype(np.int64)
-        self._sample_calls += num_passes - 1
-        return seeds[None, :] + np.arange(num_passes, dtype=np.int64)[:, None] * step[None, :]
+    @property
+    def is_closed(self) -> bool:
+        return self.model is None
 
-    def _masked_sampling_tensors(self, st: SamplingTensors, seqs: list[Sequence], greedy: np.ndarray) -> None:
-        """Inputs of the torch sampling path (top-k / top-p / min-p, generators for seeds)."""
-        dev = self.device
-        params = [s.params for s in seqs]
-        if greedy.any():
-            st.greedy = host_to_device(greedy, dev)
-        vocab = self.model_config.vocab_size
-        if any(p.top_k_enabled for p in params):
-            st.top_k = host_to_device(np.array([p.top_k if p.top_k_enabled else vocab for p in params]), dev)
-        if any(p.top_p < 1.0 for p in params):
-            st.top_p = host_to_device(np.array([p.top_p for p in params], dtype=np.float32), dev)
-        if any(p.min_p > 0.0 for p in params):
-            st.min_p = host_to_device(np.array([p.min_p for p in params], dtype=np.float32), dev)
-        seeded = [(i, self._generator_for(s)) for i, s in enumerate(seqs) if s.seed is not None and not greedy[i]]
-        st.seeded = seeded or None
-
-    def sampling_tensors(self, seqs: list[Sequence], num_passes: int | None = None) -> SamplingTensors:
-        """The step's sampling inputs. With num_passes (a multi-step decode), fused_seeds holds
-        every pass's seeds [num_passes, B] (see _row_seeds)."""
-        dev = self.device
-        params = [s.params for s in seqs]
-        greedy = np.fromiter((p.is_greedy for p in params), dtype=bool, count=len(params))
-        all_greedy = bool(greedy.all())
-        st = SamplingTensors(temperatures=None, greedy=None, all_greedy=all_greedy, generator=self.generator)
-        if not all_greedy:
-            temps = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
-            masked = any(p.top_k_enabled or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
-            if dev.type == "cuda" and not masked:
-                temps[greedy] = 0.0
-                st.fused_temperatures = host_to_device(temps, dev)
-                st.fused_seeds = host_to_device(self._row_seeds(seqs, num_passes), dev)
-            else:
-                temps[greedy] = 1.0
-                st.temperatures = host_to_device(temps, dev)
-                self._masked_sampling_tensors(st, seqs, greedy)
-        banned = [(i, t) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
-                  for t in s.min_tokens_banned]
-        if banned:
-            pairs = np.array(banned, dtype=np.int64)
-            st.banned_rows = host_to_device(pairs[:, 0], dev)
-            st.banned_tokens = host_to_device(pairs[:, 1], dev)
-        asks = [p.logprobs for p in params if p.logprobs is not None]
-        st.num_logprobs = max(asks) if asks else None
-        return st
-
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
-        if not seqs:
-            return StepResult([], [])
-        out = self.sampler(logits, self.sampling_tensors(seqs))
-        self._await_workers()
-        return self._results(out, seqs)
-
-    @staticmethod
-    def _results(out: SamplerOutput, seqs: list[Sequence]) -> StepResult:
-        """Host lists of a sampler output (device tensors are read with one sync)."""
-        if out.logprobs is None:
-            return StepResult(out.token_ids.tolist(), [None] * len(seqs))  # the step's one host sync
-        token_ids = out.token_ids.tolist()
-        chosen, ranks = out.logprobs.tolist(), out.ranks.tolist()
-        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in seqs]
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in seqs]
-        entries: list = []
-        for i, seq in enumerate(seqs):
-            k = seq.params.logprobs
-            if k is None:
-                entries.append(None)
-                continue
-            d = {tid: Logprob(lp, r + 1) for r, (tid, lp) in enumerate(zip(top_ids[i][:k], top_lp[i][:k]))}
-            d.setdefault(token_ids[i], Logprob(chosen[i], ranks[i]))
-            entries.append((chosen[i], d))
-        return StepResult(token_ids, entries)
+    def close(self) -> None:
+        """Free the model, the KV cache and the CUDA graphs now (idempotent); the runner cannot
+        run afterwards. The model's parameters refer to their layers' loaders, a cycle that only
+        the garbage collector frees: it runs here, so that the device memory is back at once."""
+        if self.model is None:
+            return
+        self.model = self.graph_runner = self.kv_cache = self.backend = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()

@@ -1,22 +1,30 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each.
+"""Continuous batching: which sequences run in the next step, and what their tokens are.
 
-Pure CPU Python over Sequences; unit-testable without running a model.
+Pure CPU Python over Sequences; unit-testable without running a model. One step reads:
 
-Per step, under a token budget (max_num_batched_tokens) and a sequence cap
+    batch = scheduler.schedule()              which sequences, how many tokens each
+    (the model runner launches the batch)
+    scheduler.launched(batch)                 its tokens count as computed / in flight
+    scheduler.update_from_output(batch, out)  sampled tokens arrive; stop checks; finished
+
+Per batch, under a token budget (max_num_batched_tokens) and a sequence cap
 (max_num_seqs):
   1. running sequences, decodes first (1 token each), then unfinished prefills
      (chunked to the remaining budget); a sequence that cannot get a KV block
      preempts the most recently arrived running sequence not yet scheduled
      (its blocks are freed and it is recomputed later), or itself if none is left;
   2. waiting sequences in arrival order, each with its prefix-cache hits, its
-     prompt chunked to the remaining budget, while blocks and budget last.
-  3. a decode-only batch with nothing waiting may run several passes (up to
-     num_scheduler_steps) if every sequence gets the blocks for them.
+     prompt chunked to the remaining budget, while blocks and budget last;
+  3. a decode-only batch with nothing waiting runs several forward passes (up to
+     num_decode_passes; pass k+1 reads the tokens pass k sampled, on the device) if
+     every sequence gets the blocks for them.
 
-A decode window's tokens may still be in flight when the next schedule is made
-(the engine schedules ahead, see runtime/engine.py): advance_window() counts them
-at launch, receive_tokens() fills them in later. A sequence whose tokens in flight
-already bring it to max_tokens or max_model_len is not scheduled again; it finishes
+Tokens in flight: from launch until their values arrive, a batch's sampled tokens are
+counted in `Sequence.num_inflight_tokens`. With async_scheduling, the next decode-only
+batch is scheduled while the one before it is still in flight, when nothing in it depends
+on that batch's values (only decodes of running sequences, whose input tokens are on the
+device, and no preemption, which would drop tokens in flight). A sequence whose tokens in
+flight already bring it to max_tokens or max_model_len is not scheduled again; it finishes
 when they arrive.
 Running sequences are kept in arrival order, so the oldest request is the last to
 be preempted and no request waits forever.
@@ -27,10 +35,12 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from myvllm.runtime.block_manager import BlockManager
 from myvllm.runtime.sequence import Sequence, SequenceStatus
+from myvllm.runtime.stop_checker import StopChecker
+from myvllm.sample.output import PassOutput
 
 
 @dataclass
@@ -40,51 +50,66 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # per seq: 1 for a decode, chunk length for a prefill
     num_computed_tokens: list[int]  # per seq: tokens already in the KV cache
-    is_decode_only: bool
-    padded_batch_size: int  # == len(seqs) unless padded up to a captured graph's size
-    num_steps: int = 1  # decode passes in this step (multi-step decoding)
-    step_limits: list[int] | None = None  # per seq: passes whose token it keeps (<= num_steps)
+    num_passes: int = 1  # forward passes of this batch (several only for decode-only batches)
+    passes_kept: list[int] = field(default_factory=list)  # per seq: passes whose token it keeps
+    overlaps_next: bool = False  # the next batch may be launched before this one's output is applied
+    # per seq: whether its chunk reaches the end of its tokens, so that it samples one (fixed at scheduling)
+    sampling: list[bool] = field(init=False)
+    is_decode_only: bool = field(init=False)  # every sequence computes one token and samples the next
+
+    def __post_init__(self) -> None:
+        if not self.passes_kept:
+            self.passes_kept = [1] * len(self.seqs)
+        self.sampling = [c + n == len(s) for s, n, c in zip(self.seqs, self.num_new_tokens, self.num_computed_tokens)]
+        self.is_decode_only = all(n == 1 for n in self.num_new_tokens) and all(self.sampling)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
     @property
-    def limits(self) -> list[int]:
-        """Per seq: decode passes whose token it keeps (1 each for a single pass)."""
-        return self.step_limits if self.step_limits is not None else [1] * len(self.seqs)
-
-    def samples(self, i: int) -> bool:
-        """Whether seq i's chunk reaches the end of its tokens (so it samples one)."""
-        return self.num_computed_tokens[i] + self.num_new_tokens[i] == len(self.seqs[i])
+    def sample_rows(self) -> list[int]:
+        """The rows that sample, in batch order."""
+        return [i for i, s in enumerate(self.sampling) if s]
 
 
-def pick_padded_size(batch_size: int, sizes: list[int]) -> int:
-    """Smallest size in the sorted list holding batch_size; batch_size itself above them."""
-    i = bisect.bisect_left(sizes, batch_size)
-    return sizes[i] if i < len(sizes) else batch_size
+@dataclass
+class SchedulerStats:
+    """Counters since the scheduler was made."""
+
+    num_batches: int = 0
+    num_mixed_batches: int = 0  # batches with both a decode and a prefill chunk
+    num_chunked_batches: int = 0  # batches where a prefill chunk does not reach the end of its tokens
+    max_batch_seqs: int = 0
+    num_preemptions: int = 0
 
 
 class Scheduler:
+    """Owns the queues, the policy of scheduling ahead and the sequences' progress: it writes
+    Sequence.status, num_computed_tokens, num_inflight_tokens, the received tokens, logprobs
+    and the finish and stop reasons (the block manager writes the block table)."""
+
     def __init__(
         self,
         block_manager: BlockManager,
+        stop_checker: StopChecker,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        graph_batch_sizes: list[int] | None = None,
-        max_model_len: int | None = None,
-        num_scheduler_steps: int = 1,
+        max_model_len: int,
+        num_decode_passes: int = 1,
+        async_scheduling: bool = False,
     ) -> None:
         self.block_manager = block_manager
+        self.stop_checker = stop_checker
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.num_scheduler_steps = num_scheduler_steps
-        # Decode-only batches are padded up to one of these (sizes of captured graphs).
-        self.graph_batch_sizes = sorted(graph_batch_sizes or [])
+        self.num_decode_passes = num_decode_passes
+        self.async_scheduling = async_scheduling
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by arrival
-        self.num_preemptions = 0
+        self.in_flight: ScheduledBatch | None = None  # launched, output not yet applied
+        self.stats = SchedulerStats()
 
     # ---- queue management ----------------------------------------------------------------------
 
@@ -104,7 +129,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark seq finished and release its blocks (it may be running or waiting). Tokens
-        still in flight are dropped; the window that computes them writes only to blocks
+        still in flight are dropped; the batch that computes them writes only to blocks
         freed here, and whatever reuses them runs after it on the device."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
@@ -123,7 +148,7 @@ class Scheduler:
         seq.num_inflight_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
-        self.num_preemptions += 1
+        self.stats.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def _admit_running(self, seq: Sequence) -> None:
@@ -134,6 +159,10 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch | None:
+        """The next batch, or None when there is nothing to run before the batch in flight
+        (if any) has been applied."""
+        if self.in_flight is not None and not self._can_schedule_ahead():
+            return None
         bm = self.block_manager
         budget = self.max_num_batched_tokens
         scheduled: list[Sequence] = []
@@ -183,86 +212,136 @@ class Scheduler:
 
         if not scheduled:
             return None
-        decode_only = all(n == 1 for n in new_tokens) and all(
-            c + 1 == len(s) for s, c in zip(scheduled, computed)
-        )
-        padded = pick_padded_size(len(scheduled), self.graph_batch_sizes) if decode_only else len(scheduled)
-        batch = ScheduledBatch(scheduled, new_tokens, computed, decode_only, padded)
-        if decode_only and self.num_scheduler_steps > 1 and not self.waiting:
-            self._plan_multi_step(batch)
+        batch = ScheduledBatch(scheduled, new_tokens, computed)
+        batch.overlaps_next = batch.is_decode_only and self.async_scheduling
+        if batch.is_decode_only and self.num_decode_passes > 1 and not self.waiting:
+            self._plan_passes(batch)
+        self._count(batch)
         return batch
+
+    def _can_schedule_ahead(self) -> bool:
+        """Whether the next batch can be scheduled before the one in flight is applied: it then
+        holds only decodes of running sequences (their input tokens are on the device), and
+        needs no preemption (which would drop tokens in flight, whose draws a sequence's own
+        generator has already made)."""
+        if self.waiting:
+            return False
+        bm = self.block_manager
+        need = 0
+        for s in self.running:
+            if s.num_uncomputed_tokens != 1:
+                return False
+            need += bm.num_new_blocks(s, 1)
+        return need <= bm.num_free_blocks
 
     def reached_length_limit(self, seq: Sequence) -> bool:
         """Whether seq's tokens (those in flight included) reach its max_tokens or max_model_len."""
         p = seq.params
         return ((p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
-                or (self.max_model_len is not None and len(seq) >= self.max_model_len))
+                or len(seq) >= self.max_model_len)
 
-    def _plan_multi_step(self, batch: ScheduledBatch) -> None:
+    def _plan_passes(self, batch: ScheduledBatch) -> None:
         """Let a decode-only batch run several passes if every sequence can get the blocks.
 
-        Sequence i keeps the tokens of its first limits[i] passes: no more than its
+        Sequence i keeps the tokens of its first passes_kept[i] passes: no more than its
         max_tokens or max_model_len allow. Sequences still under min_tokens (whose stop
-        tokens are banned per token) keep single steps.
+        tokens are banned per token) keep single passes.
         """
         bm = self.block_manager
-        k = self.num_scheduler_steps
-        limits = []
+        kept = []
         for seq in batch.seqs:
             p = seq.params
             if seq.num_output_tokens < p.min_tokens:
                 return
-            limit = k
+            n = min(self.num_decode_passes, self.max_model_len - len(seq))
             if p.max_tokens is not None:
-                limit = min(limit, p.max_tokens - seq.num_output_tokens)
-            if self.max_model_len is not None:
-                limit = min(limit, self.max_model_len - len(seq))
-            limits.append(max(1, limit))
-        if max(limits) == 1:
+                n = min(n, p.max_tokens - seq.num_output_tokens)
+            kept.append(max(1, n))
+        if max(kept) == 1:
             return
         # blocks for the extra passes: computed + 1 is already covered
-        extra = sum(bm.num_new_blocks(s, n) for s, n in zip(batch.seqs, limits))
+        extra = sum(bm.num_new_blocks(s, n) for s, n in zip(batch.seqs, kept))
         if extra > bm.num_free_blocks:
             return
-        for seq, n in zip(batch.seqs, limits):
+        for seq, n in zip(batch.seqs, kept):
             bm.append_slots(seq, n)
-        batch.num_steps = max(limits)
-        batch.step_limits = limits
+        batch.num_passes = max(kept)
+        batch.passes_kept = kept
 
-    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
-        """Advance each seq past its computed chunk, append sampled tokens, cache full blocks.
+    def _count(self, batch: ScheduledBatch) -> None:
+        st = self.stats
+        st.num_batches += 1
+        st.max_batch_seqs = max(st.max_batch_seqs, len(batch.seqs))
+        decodes = [c + 1 == len(s) and n == 1
+                   for s, n, c in zip(batch.seqs, batch.num_new_tokens, batch.num_computed_tokens)]
+        if any(decodes) and not all(decodes):
+            st.num_mixed_batches += 1
+        if not all(batch.sampling):
+            st.num_chunked_batches += 1
 
-        sampled[i] is the new token of seq i, or None for a chunk that does not end its tokens.
-        Returns the sequences that received a token.
-        """
-        got_token = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
-            if seq.status is not SequenceStatus.RUNNING:  # finished or aborted while the step ran
+    def launched(self, batch: ScheduledBatch) -> None:
+        """The batch is on the device: pass k of seq i computes the K/V of its input token, for
+        its first passes_kept[i] passes. Those tokens count as computed, and the tokens the
+        batch samples as in flight until update_from_output() brings their values (and hashes the
+        blocks they fill)."""
+        for seq, n, kept, samples in zip(batch.seqs, batch.num_new_tokens, batch.passes_kept, batch.sampling):
+            seq.num_computed_tokens += n + kept - 1
+            if samples:
+                seq.num_inflight_tokens += kept
+        if batch.overlaps_next:
+            self.in_flight = batch
+
+    def update_from_output(self, batch: ScheduledBatch, outputs: list[PassOutput]) -> list[Sequence]:
+        """Apply a launched batch's sampled tokens (outputs: one per pass), check stops, finish
+        the sequences that stop. Seq i receives the tokens of its first passes_kept[i]
+        passes, up to the first that stops it. Returns the sequences that received tokens."""
+        if self.in_flight is batch:
+            self.in_flight = None
+        received = []
+        for i, (seq, kept) in enumerate(zip(batch.seqs, batch.passes_kept)):
+            if seq.status is not SequenceStatus.RUNNING:  # finished, aborted or preempted meanwhile
                 continue
-            seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
-            if token is not None:
-                seq.append_token(token)
-                got_token.append(seq)
-        return got_token
+            if not batch.sampling[i]:  # a prefill chunk before the end of its prompt
+                self.block_manager.cache_full_blocks(seq)
+                continue
+            tokens = [outputs[k].token_ids[i] for k in range(kept)]
+            p = seq.params
+            if seq.logprobs is None and p.ignore_eos and not p.stop_token_ids and not p.stop_list:
+                # only a length can stop it, and the batch ends at or before that length
+                self._receive(seq, tokens)
+                self._check_stop(seq)
+            else:
+                for k, token in enumerate(tokens):
+                    lp = outputs[k].logprobs[i]
+                    if lp is not None and seq.logprobs is not None:
+                        seq.cumulative_logprob += lp[0]
+                        seq.logprobs.append(lp[1])
+                    self._receive(seq, [token])
+                    if self._check_stop(seq):
+                        break
+            received.append(seq)
+        return received
 
-    def advance_window(self, batch: ScheduledBatch) -> None:
-        """A decode-only batch was launched: each pass of seq i computes the K/V of the token
-        before it and samples the next, for its first step_limits[i] passes. Count those
-        tokens as computed and in flight until receive_tokens() brings their values."""
-        for seq, n in zip(batch.seqs, batch.limits):
-            seq.num_computed_tokens += n
-            seq.num_inflight_tokens += n
-
-    def receive_tokens(self, seq: Sequence, tokens: list[int]) -> None:
+    def _receive(self, seq: Sequence, tokens: list[int]) -> None:
         """The values of a running seq's oldest tokens in flight."""
         assert len(tokens) <= seq.num_inflight_tokens, f"{seq}: {len(tokens)} tokens for {seq.num_inflight_tokens}"
         seq.token_ids.extend(tokens)
         seq.num_inflight_tokens -= len(tokens)
         self.block_manager.cache_full_blocks(seq)
 
+    def _check_stop(self, seq: Sequence) -> bool:
+        """Finish seq if its last token stops it; True if it did."""
+        stop = self.stop_checker.check(seq)
+        if stop is None:
+            return False
+        self.finish(seq, stop[0])
+        seq.stop_reason = stop[1]
+        return True
+
     def check_integrity(self) -> None:
         """Block manager invariants over the sequences that hold blocks."""
         for seq in self.waiting:
             assert not seq.block_table, f"waiting {seq} holds blocks"
+        for seq in self.all_seqs():
+            assert seq.status is not SequenceStatus.FINISHED, f"finished {seq} is still queued"
         self.block_manager.check_integrity(s.block_table for s in self.running)

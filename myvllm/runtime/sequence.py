@@ -2,6 +2,12 @@
 
 A request with n > 1 becomes n sequences that share the request id.
 
+Who writes what: the engine makes a sequence (its prompt, params, seed, arrival); the
+scheduler writes its status, computed and in-flight token counts, received tokens,
+logprobs and finish / stop reasons; the block manager its block table and block hashes
+(and the computed count it finds in the prefix cache); the stop checker its stop_state
+and output_text. Every other module only reads it.
+
 Token accounting:
     token_ids = prompt + generated tokens the host has received
     num_inflight_tokens = tokens sampled by a decode window that is still running (or

@@ -18,15 +18,8 @@ import numpy as np
 import torch
 
 from myvllm.attention.backend import AttentionMetadata
+from myvllm.runtime.host_copy import host_to_device
 from myvllm.runtime.scheduler import ScheduledBatch
-
-
-def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Copy a host array to the device without a host sync (through pinned memory on CUDA)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -100,8 +93,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
     slot_mapping = block_tables[token_rows, positions // block_size].astype(np.int64) * block_size
     slot_mapping += positions % block_size
 
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=num_seqs)
-    sample_rows = np.nonzero(seq_lens == lengths)[0]
+    sample_rows = np.asarray(batch.sample_rows, dtype=np.int64)
     logits_indices = query_start_loc[1:][sample_rows] - 1
     return StepInputs(
         input_ids=input_ids,
@@ -118,17 +110,17 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
     )
 
 
-def multi_step_arrays(inputs: StepInputs, num_steps: int, limits: np.ndarray,
+def multi_pass_arrays(inputs: StepInputs, num_passes: int, passes_kept: np.ndarray,
                       block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-pass positions, slots [K, B] int64 and seq_lens [K, B] int32 of a multi-step decode
-    whose first pass is `inputs`; sequence b keeps limits[b] passes, and later passes repeat its
-    last valid position with slot -1 (write nothing)."""
+    """Per-pass positions, slots [K, B] int64 and seq_lens [K, B] int32 of a decode batch of K
+    passes whose first pass is `inputs`; sequence b keeps passes_kept[b] passes, and later passes
+    repeat its last valid position with slot -1 (write nothing)."""
     b = inputs.num_tokens
-    offset = np.minimum(np.arange(num_steps)[:, None], limits[None, :] - 1)
+    offset = np.minimum(np.arange(num_passes)[:, None], passes_kept[None, :] - 1)
     positions = inputs.positions[None, :] + offset
     seq_lens = (inputs.seq_lens[None, :] + offset).astype(np.int32)
     rows = np.broadcast_to(np.arange(b), positions.shape)
     slots = inputs.block_tables[rows, positions // block_size].astype(np.int64) * block_size
     slots += positions % block_size
-    slots[np.arange(num_steps)[:, None] >= limits[None, :]] = -1
+    slots[np.arange(num_passes)[:, None] >= passes_kept[None, :]] = -1
     return positions, slots, seq_lens

@@ -8,7 +8,7 @@ ModelRunner on its shard and then serves rank 0's requests over a pipe:
     rank 0 (engine process)                        rank r (worker process)
     ModelRunner.execute(batch)
       build_step_inputs(batch)
-      send("forward_step", inputs) ---- pipe ----> runner.forward_step(inputs)
+      send("forward_passes", inputs) -- pipe --> runner.forward_passes(inputs, ...)
       forward          <----- all-reduces ----->     forward
       sample
 

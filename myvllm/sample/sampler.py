@@ -23,25 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
-@dataclass
-class SamplingTensors:
-    """Per-row sampling parameters on the device, built once per step."""
-
-    temperatures: torch.Tensor | None  # [N] float32, 1.0 on greedy rows; None when all are greedy
-    greedy: torch.Tensor | None  # [N] bool, None when no row or every row is greedy
-    all_greedy: bool
-    top_k: torch.Tensor | None = None  # [N] int64; vocab size where disabled
-    top_p: torch.Tensor | None = None  # [N] float32; 1.0 where disabled
-    min_p: torch.Tensor | None = None  # [N] float32; 0.0 where disabled
-    seeded: list[tuple[int, torch.Generator]] | None = None  # (row, its generator)
-    generator: torch.Generator | None = None  # for rows without a seed
-    banned_rows: torch.Tensor | None = None  # [M] rows, paired with banned_tokens [M]
-    banned_tokens: torch.Tensor | None = None
-    num_logprobs: int | None = None  # the largest logprobs=k among the rows, None if none asks
-    # Fused path (no masks): temperatures with 0 on greedy rows, and per-row Philox seeds.
-    fused_temperatures: torch.Tensor | None = None  # [N] float32
-    fused_seeds: torch.Tensor | None = None  # [N] int64
+from myvllm.sample.metadata import SamplingMetadata
 
 
 @dataclass
@@ -75,8 +57,9 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler(nn.Module):
-    def forward(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
-        """logits [N, V] -> sampled token ids [N] (and logprobs when asked)."""
+    def forward(self, logits: torch.Tensor, st: SamplingMetadata, pass_index: int = 0) -> SamplerOutput:
+        """logits [N, V] -> sampled token ids [N] (and logprobs when asked); pass_index: which
+        pass of a decode window this is (it picks the fused path's seeds)."""
         out = SamplerOutput(token_ids=torch.empty(0))
         if st.num_logprobs is not None:
             raw = torch.log_softmax(logits.float(), dim=-1)
@@ -88,7 +71,7 @@ class Sampler(nn.Module):
         elif st.fused_seeds is not None:
             from myvllm.kernels.triton_sampling import gumbel_sample
 
-            out.token_ids = gumbel_sample(logits, st.fused_temperatures, st.fused_seeds)
+            out.token_ids = gumbel_sample(logits, st.fused_temperatures, st.fused_seeds[pass_index])
         else:
             logits = logits.float()
             greedy_ids = logits.argmax(dim=-1)

@@ -1,0 +1,53 @@
+"""PassOutput: what one forward pass sampled, as host lists per scheduled sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from myvllm.outputs import Logprob
+from myvllm.sample.sampler import SamplerOutput
+from myvllm.sampling_params import SamplingParams
+
+TokenLogprobs = tuple[float, dict[int, Logprob]]  # (sampled token's logprob, top entries + sampled)
+
+
+@dataclass
+class PassOutput:
+    """Per scheduled sequence: its new token (None if its chunk does not end its tokens) and,
+    when it asks for logprobs, their entries."""
+
+    token_ids: list[int | None]
+    logprobs: list[TokenLogprobs | None]
+
+
+def sampled_entries(out: SamplerOutput, params: list[SamplingParams]) -> tuple[list[int], list]:
+    """(token ids, logprob entries or None) per sampled row of a host SamplerOutput."""
+    token_ids = out.token_ids.tolist()
+    if out.logprobs is None:
+        return token_ids, [None] * len(params)
+    chosen, ranks = out.logprobs.tolist(), out.ranks.tolist()
+    top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in params]
+    top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in params]
+    entries: list[TokenLogprobs | None] = []
+    for i, p in enumerate(params):
+        k = p.logprobs
+        if k is None:
+            entries.append(None)
+            continue
+        d = {tid: Logprob(lp, r + 1) for r, (tid, lp) in enumerate(zip(top_ids[i][:k], top_lp[i][:k]))}
+        d.setdefault(token_ids[i], Logprob(chosen[i], ranks[i]))
+        entries.append((chosen[i], d))
+    return token_ids, entries
+
+
+def pass_output(out: SamplerOutput | None, params: list[SamplingParams], sample_rows: list[int],
+                num_seqs: int) -> PassOutput:
+    """Spread the sampled rows' results over the batch's num_seqs rows."""
+    tokens: list[int | None] = [None] * num_seqs
+    logprobs: list[TokenLogprobs | None] = [None] * num_seqs
+    if out is not None:
+        ids, entries = sampled_entries(out, params)
+        for row, token, lp in zip(sample_rows, ids, entries):
+            tokens[row] = token
+            logprobs[row] = lp
+    return PassOutput(tokens, logprobs)
