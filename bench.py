@@ -4,15 +4,19 @@
     python bench.py --model ./huggingface/Qwen3-0.6B --json out.json
 
 The workload: random.seed(seed); num_seqs prompts of randint(100, max_input_len) token ids
-drawn from randint(0, 10000); then num_seqs max_tokens of randint(100, max_output_len);
+drawn from randint(0, 10000) (capped at the model's largest token id); then num_seqs
+max_tokens of randint(100, max_output_len) (a length bound below 100 is used as it is);
 temperature 0.6, ignore_eos, max_model_len 4096. Throughput = output tokens / wall time
 of generate (engine start and graph capture excluded; one warm-up generate first).
+
+On a CPU the default workload is a small one (see CPU_WORKLOAD): the GPU's would run for hours.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -22,6 +26,31 @@ from random import randint, seed
 import torch
 
 from myvllm import LLM, SamplingParams
+from myvllm.config import resolve_device
+
+logger = logging.getLogger("bench")
+
+# Token ids of the seed workload are drawn from [0, SEED_MAX_TOKEN_ID].
+SEED_MAX_TOKEN_ID = 10000
+# Shortest prompt and output of the workload (when the length bounds allow it).
+MIN_LEN = 100
+# Workload sizes when neither --num-seqs, --max-input-len nor --max-output-len says otherwise,
+# and the sizes of --latency's measurements. GPU_WORKLOAD is the seed workload.
+GPU_WORKLOAD = dict(num_seqs=256, max_input_len=1024, max_output_len=1024,
+                    stream_prompt_len=128, stream_output_len=512, prefill_prompts=64, prefill_prompt_len=1024)
+CPU_WORKLOAD = dict(num_seqs=4, max_input_len=128, max_output_len=64,
+                    stream_prompt_len=32, stream_output_len=32, prefill_prompts=4, prefill_prompt_len=128)
+SIZE_FLAGS = ("num_seqs", "max_input_len", "max_output_len")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's layout and appends each flag's default; a default of None is left to
+    the flag's own help text, which says what it means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def git_commit() -> str:
@@ -34,10 +63,19 @@ def git_commit() -> str:
         return "unknown"
 
 
-def workload(num_seqs: int, max_input_len: int, max_output_len: int, rng_seed: int):
+def random_ids(length: int, vocab_size: int) -> list[int]:
+    """length token ids from randint(0, 10000), or from the whole vocabulary if it is smaller."""
+    high = min(SEED_MAX_TOKEN_ID, vocab_size - 1)
+    return [randint(0, high) for _ in range(length)]
+
+
+def workload(num_seqs: int, max_input_len: int, max_output_len: int, rng_seed: int,
+             vocab_size: int = SEED_MAX_TOKEN_ID + 1):
     seed(rng_seed)
-    prompts = [[randint(0, 10000) for _ in range(randint(100, max_input_len))] for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_output_len))
+    prompts = [random_ids(randint(min(MIN_LEN, max_input_len), max_input_len), vocab_size)
+               for _ in range(num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True,
+                             max_tokens=randint(min(MIN_LEN, max_output_len), max_output_len))
               for _ in range(num_seqs)]
     return prompts, params
 
@@ -50,9 +88,9 @@ def timed_generate(llm: LLM, prompts, params) -> float:
     return time.perf_counter() - start
 
 
-def single_stream_ms_per_token(llm: LLM, prompt_len: int = 128, output_len: int = 512) -> float:
+def single_stream_ms_per_token(llm: LLM, vocab_size: int, prompt_len: int = 128, output_len: int = 512) -> float:
     """(time of prompt + output_len tokens - time of prompt + 1 token) / (output_len - 1), best of 3."""
-    prompt = [randint(0, 10000) for _ in range(prompt_len)]
+    prompt = random_ids(prompt_len, vocab_size)
     first = min(timed_generate(llm, [prompt], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1))
                 for _ in range(3))
     full = min(timed_generate(llm, [prompt], SamplingParams(temperature=0.6, ignore_eos=True,
@@ -60,35 +98,64 @@ def single_stream_ms_per_token(llm: LLM, prompt_len: int = 128, output_len: int 
     return (full - first) / (output_len - 1) * 1000
 
 
-def prefill_tokens_per_s(llm: LLM, num_prompts: int = 64, prompt_len: int = 1024) -> float:
-    prompts = [[randint(0, 10000) for _ in range(prompt_len)] for _ in range(num_prompts)]
+def prefill_tokens_per_s(llm: LLM, vocab_size: int, num_prompts: int = 64, prompt_len: int = 1024) -> float:
+    prompts = [random_ids(prompt_len, vocab_size) for _ in range(num_prompts)]
     elapsed = timed_generate(llm, prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1))
     return num_prompts * prompt_len / elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="./huggingface/Qwen3-0.6B")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="./huggingface/Qwen3-0.6B", help="checkpoint directory or hub id")
     parser.add_argument("--dummy", action="store_true", help="random weights with Qwen3-0.6B shapes, no files")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--max-input-len", type=int, default=1024)
-    parser.add_argument("--max-output-len", type=int, default=1024)
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-scheduler-steps", type=int, default=8, help="decode passes per schedule")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--num-seqs", type=int, default=None,
+                        help=f"prompts in the workload (default: {GPU_WORKLOAD['num_seqs']} on a GPU, "
+                             f"{CPU_WORKLOAD['num_seqs']} on a CPU)")
+    parser.add_argument("--max-input-len", type=int, default=None,
+                        help=f"longest prompt, in tokens (default: {GPU_WORKLOAD['max_input_len']} on a GPU, "
+                             f"{CPU_WORKLOAD['max_input_len']} on a CPU)")
+    parser.add_argument("--max-output-len", type=int, default=None,
+                        help=f"largest max_tokens of a prompt (default: {GPU_WORKLOAD['max_output_len']} on a "
+                             f"GPU, {CPU_WORKLOAD['max_output_len']} on a CPU)")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + output tokens of one sequence")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per KV cache block")
+    parser.add_argument("--attention-backend", default="auto", help="auto, torch, triton or flash_attn")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the workload's random prompts and lengths")
+    parser.add_argument("--num-decode-passes", "--num-scheduler-steps", type=int, default=8,
+                        help="forward passes a decode-only batch runs per schedule")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="read every decode window back before scheduling the next")
     parser.add_argument("--latency", action="store_true", help="also single-stream latency and prefill throughput")
-    parser.add_argument("--json", default=None, help="write a JSON record here")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="write a JSON record here (default: no record)")
+    return parser
 
+
+def default_workload(args: argparse.Namespace, device: torch.device) -> dict:
+    """The workload sizes for device; fills the size flags the user left out into args."""
+    sizes = CPU_WORKLOAD if device.type == "cpu" else GPU_WORKLOAD
+    if device.type == "cpu":
+        given = [name for name in SIZE_FLAGS if getattr(args, name) is not None]
+        if not given:
+            logger.warning("bench.py runs on a CPU: the GPU workload would take hours, so this run uses a small "
+                           "one (%s); give --num-seqs, --max-input-len and --max-output-len to change it",
+                           ", ".join(f"{name}={sizes[name]}" for name in SIZE_FLAGS))
+    for name in SIZE_FLAGS:
+        if getattr(args, name) is None:
+            setattr(args, name, sizes[name])
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    sizes = default_workload(args, device)
     engine_args = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                        kvcache_block_size=args.block_size, attention_backend=args.attention_backend,
-                       num_scheduler_steps=args.num_scheduler_steps,
-                       async_scheduling=not args.no_async_scheduling)
+                       num_decode_passes=args.num_decode_passes,
+                       async_scheduling=not args.no_async_scheduling, device=args.device, dtype=args.dtype)
     if args.dummy:
         model = "dummy:qwen3-0.6b"
         engine_args.update(load_format="dummy", skip_tokenizer_init=True)
@@ -98,10 +165,11 @@ def main() -> None:
     llm = LLM(model, **engine_args)
     init_time = time.perf_counter() - start
     graph_runner = llm.engine.runner.graph_runner
+    vocab_size = llm.engine.model_config.vocab_size
 
-    prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len, args.seed)
+    prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len, args.seed, vocab_size)
     # warm-up: short and long prompts, sampled decode
-    warm = [[randint(0, 10000) for _ in range(n)] for n in (4, 300, args.max_input_len)]
+    warm = [random_ids(n, vocab_size) for n in (4, min(300, args.max_input_len), args.max_input_len)]
     llm.generate(warm, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=32), use_tqdm=False)
     elapsed = timed_generate(llm, prompts, params)
     total = sum(p.max_tokens for p in params)
@@ -112,13 +180,15 @@ def main() -> None:
         throughput_tok_s=throughput, time_s=elapsed, output_tokens=total,
         prompt_tokens=sum(len(p) for p in prompts), init_time_s=init_time,
         capture_time_s=getattr(graph_runner, "capture_time", None),
-        card=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        card=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, commit=git_commit(), config=vars(args),
         attention_backend=llm.engine.runner.backend.name, num_kv_blocks=llm.engine.runner.num_blocks,
     )
     if args.latency:
-        record["single_stream_ms_per_token"] = single_stream_ms_per_token(llm)
-        record["prefill_tok_s"] = prefill_tokens_per_s(llm)
+        record["single_stream_ms_per_token"] = single_stream_ms_per_token(
+            llm, vocab_size, sizes["stream_prompt_len"], sizes["stream_output_len"])
+        record["prefill_tok_s"] = prefill_tokens_per_s(llm, vocab_size, sizes["prefill_prompts"],
+                                                       sizes["prefill_prompt_len"])
         print(f"Single stream: {record['single_stream_ms_per_token']:.3f} ms/token, "
               f"Prefill: {record['prefill_tok_s']:.0f} tok/s")
     if args.json:
