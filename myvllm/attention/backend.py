@@ -33,10 +33,11 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Stores the new K/V in the paged cache and attends over each sequence's cache.
+    """Stores the step's K/V in the paged cache and attends over each sequence's cache.
 
     Cache layout for all backends: [num_blocks, block_size, num_kv_heads, head_dim]
-    for K and for V, slot = block_id * block_size + offset.
+    for K and for V, slot = block_id * block_size + offset. The attention layer decides
+    whether `store_kv` runs (layers/attention.py): a fused CUDA op may have written K/V already.
     """
 
     name: str = "abstract"
@@ -45,19 +46,26 @@ class AttentionBackend(ABC):
         """Derive per-step state once per step (before the first layer runs)."""
 
     @abstractmethod
+    def store_kv(
+        self,
+        k: torch.Tensor,  # [T, Hkv, D], unit stride on D
+        v: torch.Tensor,  # [T, Hkv, D], unit stride on D
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [T] int64, -1 = write nothing
+    ) -> None:
+        """Write k and v into the caches at slot_mapping."""
+
+    @abstractmethod
     def forward(
         self,
         q: torch.Tensor,  # [T, H, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
-        kv_stored: bool = False,
     ) -> torch.Tensor:  # [T, H, D]
-        """Store k and v into the caches at meta.slot_mapping (unless kv_stored: the caller
-        already has), then attend over the caches."""
+        """Attend over the caches, which already hold this step's K/V."""
 
     def init_graph_buffers(self, max_batch_size: int) -> None:
         """Allocate whatever static state decode graphs of up to this batch size need."""

@@ -26,10 +26,10 @@ class FlashAttnBackend(AttentionBackend):
         if not meta.is_decode_only:  # cumulative key lengths for the varlen call
             meta.backend_state = F.pad(torch.cumsum(meta.seq_lens, 0, dtype=torch.int32), (1, 0))
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                kv_stored: bool = False) -> torch.Tensor:
-        if not kv_stored:
-            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.is_decode_only:
             out = self._with_kvcache(
                 q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens,

@@ -11,10 +11,10 @@ from myvllm.kernels import reference
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                kv_stored: bool = False) -> torch.Tensor:
-        if not kv_stored:
-            reference.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        reference.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         return reference.paged_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale
         )

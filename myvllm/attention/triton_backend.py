@@ -46,10 +46,10 @@ class TritonAttentionBackend(AttentionBackend):
     def init_graph_buffers(self, max_batch_size: int) -> None:
         self._ensure_workspace(max_batch_size)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                kv_stored: bool = False) -> torch.Tensor:
-        if not kv_stored:
-            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
         if meta.is_decode_only:
             # Fewer splits when the batch alone fills the GPU; depends only on B, so graph-safe.

@@ -1,8 +1,10 @@
-"""Attention layer: writes this step's K/V into the paged cache and attends over it.
+"""Attention layer: q/k norm + rotary, this step's K/V into the paged cache, attention over it.
 
-The work is done by an attention backend (torch, triton or flash_attn) chosen
-once by the model runner; the layer holds its slice of the KV cache, assigned
-after the cache is allocated.
+This layer is the one place that decides who writes the step's K and V: the fused CUDA op
+(per-head q/k RMSNorm, rotary and the KV store in one kernel) when it supports the layer's
+head_dim and dtype, else the q/k op followed by the backend's `store_kv`. The backend (torch,
+triton or flash_attn, chosen once by the model runner) then only attends. The layer holds its
+slice of the KV cache, assigned after the cache is allocated.
 """
 
 from __future__ import annotations
@@ -11,21 +13,35 @@ import torch
 from torch import nn
 
 from myvllm.attention.backend import AttentionBackend, AttentionMetadata
+from myvllm.layers.norm import RMSNorm
+from myvllm.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 backend: AttentionBackend) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding,
+                 backend: AttentionBackend, ops, dtype: torch.dtype) -> None:
+        """ops: kernels.fused_ops.FusedOps; dtype: that of the activations and the KV cache."""
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.rotary = rotary
         self.backend = backend
+        self.ops = ops
+        # All tensors of the fused op are in the model's dtype except the float32 cos/sin table.
+        self.fused_kv_store = ops.supports("qk_norm_rope_store", head_dim, (dtype,), rotary.cos_sin_cache.dtype)
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-                kv_stored: bool = False) -> torch.Tensor:
-        """q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]. kv_stored: k and v are in the cache already."""
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                q_norm: RMSNorm, k_norm: RMSNorm, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hkv, D] as projected (unit stride on D), positions [T] -> [T, H, D]."""
+        cos_sin = self.rotary.cos_sin_cache
+        if self.fused_kv_store:  # one kernel normalises and rotates q and k and writes K and V
+            q, k = self.ops.qk_norm_rope_store(q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, positions, cos_sin,
+                                               self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            q, k = self.ops.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, q_norm.eps, positions, cos_sin)
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale)

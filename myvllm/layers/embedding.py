@@ -2,7 +2,8 @@
 
 Each rank holds a contiguous slice of the (padded) vocabulary. The embedding
 zeroes ids outside its slice and all-reduces; the LM head computes its slice of
-the logits for the rows being sampled only, and gathers the slices.
+the logits for the rows being sampled only, with the final norm as its prologue,
+and gathers the slices.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
-from myvllm.layers.linear import Loaded, _copy_checked
+from myvllm.layers.norm import NormPrologue
+from myvllm.models.weight_utils import Loaded, copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -36,7 +38,7 @@ class VocabParallelEmbedding(nn.Module):
         if rows < self.shard_size:
             param.data.zero_()
         part = loaded if rows == self.vocab_size else loaded.narrow(0, start, rows)
-        _copy_checked(param.data[:rows], part)
+        copy_checked(param.data[:rows], part)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -49,15 +51,15 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """The model multiplies by `weight` itself (fused with the final norm); gather() assembles the
-    ranks' slices."""
+    """The vocabulary-parallel output projection; its weight may be tied to the embedding's."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] (only the rows to sample) -> logits [N, vocab]."""
-        return self.gather(F.linear(hidden, self.weight))
+    def __init__(self, vocab_size: int, hidden_size: int, ops, tp: TensorParallelGroup = SINGLE) -> None:
+        super().__init__(vocab_size, hidden_size, tp)
+        self.ops = ops  # kernels.fused_ops.FusedOps
 
-    def gather(self, logits: torch.Tensor) -> torch.Tensor:
-        """This rank's logits [N, shard_size] -> the whole vocabulary's [N, vocab]."""
+    def forward(self, x: NormPrologue) -> torch.Tensor:
+        """The final norm's operands for the rows to sample [N, hidden] -> logits [N, vocab]."""
+        logits, _ = x.project(self.weight, self.ops)  # this rank's [N, shard_size]
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)
         return logits[:, :self.vocab_size] if logits.shape[-1] != self.vocab_size else logits

@@ -6,87 +6,63 @@ parameter carries `weight_loader(param, loaded_weight, shard_id=None)`, which
 checks the shape of the whole checkpoint tensor and copies this rank's part of it
 into the parameter (and, for packed layers, into the right slice). The checkpoint
 tensor may be a `CheckpointTensor`, which reads from the file only that part.
+
+A column-parallel layer also takes a `NormPrologue` (layers/norm.py): the RMSNorm that
+feeds it, and the residual add before that norm, then run inside the projection.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
-from myvllm.models.loader import CheckpointTensor, as_tensor
-
-Loaded = torch.Tensor | CheckpointTensor
-
-
-def _check_shape(expected, loaded: Loaded) -> None:
-    if tuple(expected) != tuple(loaded.shape):
-        raise ValueError(
-            f"shape mismatch: checkpoint has {tuple(loaded.shape)}, the model expects {tuple(expected)}"
-        )
-
-
-def _copy_checked(param: torch.Tensor, loaded: Loaded) -> None:
-    _check_shape(param.shape, loaded)
-    param.data.copy_(as_tensor(loaded))
-
-
-def _shard(loaded: Loaded, dim: int, full_size: int, rank: int, size: int) -> Loaded:
-    """Part `rank` (of length size) of loaded along dim, after checking that dim has full_size."""
-    if loaded.shape[dim] != full_size:
-        expected = list(loaded.shape)
-        expected[dim] = full_size
-        _check_shape(expected, loaded)
-    return loaded.narrow(dim, rank * size, size)
+from myvllm.layers.norm import NormPrologue
+from myvllm.models.weight_utils import Loaded, copy_checked, shard
 
 
 class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup, tp_dim: int | None,
-                 ops=None) -> None:
+                 ops) -> None:
         super().__init__()
         self.tp = tp
         self.tp_dim = tp_dim  # which weight dim is split over ranks (None: replicated)
-        # kernels.fused_ops.FusedOps.linear (a matrix-vector kernel for few tokens), else F.linear
-        self.matmul = ops.linear if ops is not None else F.linear
+        self.ops = ops  # kernels.fused_ops.FusedOps: a matrix-vector kernel for few tokens, else cuBLAS
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         if self.tp_dim is not None and self.tp.size > 1:
             size = param.shape[self.tp_dim]
-            loaded = _shard(loaded, self.tp_dim, size * self.tp.size, self.tp.rank, size)
-        _copy_checked(param, loaded)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.weight)
-
-
-class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup = SINGLE) -> None:
-        super().__init__(input_size, output_size, tp, None)
+            loaded = shard(loaded, self.tp_dim, size * self.tp.size, self.tp.rank, size)
+        copy_checked(param, loaded)
 
 
 class ColumnParallelLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup = SINGLE) -> None:
+    def __init__(self, input_size: int, output_size: int, ops, tp: TensorParallelGroup = SINGLE) -> None:
         if output_size % tp.size:
             raise ValueError(f"output size {output_size} is not divisible by tensor_parallel_size={tp.size}")
-        super().__init__(input_size, output_size // tp.size, tp, 0)
+        super().__init__(input_size, output_size // tp.size, tp, 0, ops)
+
+    def forward(self, x: NormPrologue, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the normalised input's operands -> (this rank's projection [T, N], or silu(gate) * up
+        [T, N / 2] of a packed [gate; up] with silu, and the residual stream x.x + x.residual)."""
+        return x.project(self.weight, self.ops, silu)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one matrix (gate_up_proj)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], tp: TensorParallelGroup = SINGLE) -> None:
+    def __init__(self, input_size: int, output_sizes: list[int], ops, tp: TensorParallelGroup = SINGLE) -> None:
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), tp)
+        super().__init__(input_size, sum(output_sizes), ops, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:
         size = self.output_sizes[shard_id] // self.tp.size
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
         if self.tp.size > 1:
-            loaded = _shard(loaded, 0, self.output_sizes[shard_id], self.tp.rank, size)
-        _copy_checked(param.data.narrow(0, offset, size), loaded)
+            loaded = shard(loaded, 0, self.output_sizes[shard_id], self.tp.rank, size)
+        copy_checked(param.data.narrow(0, offset, size), loaded)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -94,7 +70,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     when there are fewer of them than ranks."""
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, ops,
         tp: TensorParallelGroup = SINGLE,
     ) -> None:
         if num_heads % tp.size:
@@ -109,7 +85,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
         self.kv_replicas = max(1, tp.size // num_kv_heads)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        LinearBase.__init__(self, hidden_size, out, tp, 0)
+        LinearBase.__init__(self, hidden_size, out, tp, 0, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str) -> None:
         q_size = self.num_heads * self.head_dim
@@ -120,15 +96,16 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset = q_size if shard_id == "k" else q_size + kv_size
             size, rank, total = kv_size, self.tp.rank // self.kv_replicas, self.total_num_kv_heads
         if self.tp.size > 1:
-            loaded = _shard(loaded, 0, total * self.head_dim, rank, size)
-        _copy_checked(param.data.narrow(0, offset, size), loaded)
+            loaded = shard(loaded, 0, total * self.head_dim, rank, size)
+        copy_checked(param.data.narrow(0, offset, size), loaded)
 
 
 class RowParallelLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup = SINGLE, ops=None) -> None:
+    def __init__(self, input_size: int, output_size: int, ops, tp: TensorParallelGroup = SINGLE) -> None:
         if input_size % tp.size:
             raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size={tp.size}")
         super().__init__(input_size // tp.size, output_size, tp, 1, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.matmul(x, self.weight))
+        """x [T, this rank's share of the input features] -> [T, N], summed over the ranks."""
+        return self.tp.all_reduce(self.ops.linear(x, self.weight))

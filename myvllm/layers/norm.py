@@ -1,32 +1,43 @@
-"""RMSNorm with an optional fused residual add, alone or fused into the projection it feeds."""
+"""RMSNorm, which runs as the prologue of the projection it feeds.
+
+The decoder never normalises on its own: calling an `RMSNorm` on (x, residual) only names the
+operands, as a `NormPrologue`, and the projection that takes it (qkv_proj, gate_up_proj, the LM
+head) computes norm(x + residual) @ W.T and the new residual stream x + residual together. At
+decode sizes that is one CUDA kernel (`FusedOps.add_norm_linear`), and the code of a decoder
+layer still reads norm -> attention -> norm -> MLP.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, ops) -> None:
+    def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.ops = ops  # kernels.fused_ops.FusedOps: CUDA kernels or torch references
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Without residual: norm(x). With it: (norm(x + residual), x + residual)."""
-        if residual is None:
-            return self.ops.rms_norm(x, self.weight, self.eps)
-        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> NormPrologue:
+        """x [T, N] and the residual stream before it (None before the first layer) -> the input of
+        a projection that applies this norm to x + residual."""
+        return NormPrologue(x, residual, self)
 
-    def project(
-        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, silu: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(s) @ weight.T, s) with s = x + residual, or x without one; with silu the
-        projection is a packed [gate; up] and silu(gate) * up is returned. For a few tokens
-        this is one CUDA kernel; the weight may be any column-parallel projection's."""
-        if residual is None:
-            return self.ops.norm_linear(x, self.weight, self.eps, weight, silu), x
-        return self.ops.add_norm_linear(x, residual, self.weight, self.eps, weight, silu)
+
+@dataclass(frozen=True)
+class NormPrologue:
+    """x (+ residual) with `norm` still to apply: what a projection with a norm prologue takes."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None
+    norm: RMSNorm
+
+    def project(self, weight: torch.Tensor, ops, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s) @ weight.T, s) with s = x + residual (x alone without a residual); with silu the
+        weight is a packed [gate; up] and silu(gate) * up is returned. ops: kernels.fused_ops.FusedOps."""
+        if self.residual is None:
+            return ops.norm_linear(self.x, self.norm.weight, self.norm.eps, weight, silu), self.x
+        return ops.add_norm_linear(self.x, self.residual, self.norm.weight, self.norm.eps, weight, silu)

@@ -11,7 +11,8 @@ from myvllm.kernels.reference import rotary_cos_sin_cache
 class RotaryEmbedding(nn.Module):
     """Holds cos/sin for every position up to max_position: [max_position, head_dim] float32.
 
-    The table is applied together with the q/k norms by `FusedOps.qk_norm_rope`.
+    One table serves every layer; the attention layer applies it together with the q/k norms
+    (`FusedOps.qk_norm_rope`, or `qk_norm_rope_store`, which also writes the KV cache).
     """
 
     def __init__(self, head_dim: int, max_position: int, theta: float) -> None:

@@ -5,9 +5,10 @@ model does not have, a parameter the checkpoint lacks, or a shape mismatch raise
 a ValueError naming the tensor. Packed parameters (qkv_proj, gate_up_proj) are
 filled slice by slice through each parameter's `weight_loader`.
 
-Checkpoint tensors reach the weight loaders as `CheckpointTensor`s, which read
-from the file only what is asked for: a tensor-parallel rank narrows each one to
-its shard before reading, so no rank ever holds the whole model in memory.
+Checkpoint tensors reach the weight loaders as `CheckpointTensor`s
+(models/weight_utils.py), which read from the file only what is asked for: a
+tensor-parallel rank narrows each one to its shard before reading, so no rank ever
+holds the whole model in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from myvllm.models.weight_utils import CheckpointTensor, Loaded, copy_checked
 
 logger = logging.getLogger(__name__)
 
@@ -45,43 +48,6 @@ def safetensors_files(path: str) -> list[str]:
     return files
 
 
-class CheckpointTensor:
-    """One tensor of an open safetensors file, read lazily: `narrow` reads one slice of it,
-    `read` all of it. Valid while its file is open (during `iterate_tensors`)."""
-
-    def __init__(self, file, name: str, path: str) -> None:
-        self._file = file
-        self._name = name
-        self._path = path
-        self._slice = file.get_slice(name)
-        self.shape = torch.Size(self._slice.get_shape())
-
-    def __repr__(self) -> str:
-        return f"CheckpointTensor({self._name!r}, shape={tuple(self.shape)})"
-
-    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
-        """Like torch.Tensor.narrow, reading only the slice from the file."""
-        if not 0 <= dim < len(self.shape) or start < 0 or length < 0 or start + length > self.shape[dim]:
-            raise ValueError(f"slice [{start}, {start + length}) of dim {dim} is outside the checkpoint "
-                             f"tensor of shape {tuple(self.shape)}")
-        index = (slice(None),) * dim + (slice(start, start + length),)
-        return self._checked(lambda: self._slice[index])
-
-    def read(self) -> torch.Tensor:
-        return self._checked(lambda: self._file.get_tensor(self._name))
-
-    def _checked(self, read) -> torch.Tensor:
-        try:
-            return read()
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"cannot read safetensors file {self._path!r} (truncated or corrupt?): {e}") from e
-
-
-def as_tensor(loaded: torch.Tensor | CheckpointTensor) -> torch.Tensor:
-    """A checkpoint tensor read whole (a torch tensor is returned as it is)."""
-    return loaded if isinstance(loaded, torch.Tensor) else loaded.read()
-
-
 def iterate_tensors(files: list[str]) -> Iterator[tuple[str, CheckpointTensor]]:
     for file in files:
         try:
@@ -100,7 +66,7 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
-def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor | CheckpointTensor]],
+def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Loaded]],
                  tie_word_embeddings: bool) -> None:
     params = dict(model.named_parameters())
     loaded: dict[str, set] = {name: set() for name in params}
@@ -118,7 +84,7 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor | C
             continue
         try:
             if shard_id is None:
-                param.weight_loader(param, tensor) if hasattr(param, "weight_loader") else _plain_copy(param, tensor)
+                param.weight_loader(param, tensor) if hasattr(param, "weight_loader") else copy_checked(param, tensor)
             else:
                 param.weight_loader(param, tensor, shard_id)
         except ValueError as e:
@@ -134,12 +100,6 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor | C
             missing.append(name if want == {None} else f"{name} (shards {sorted(map(str, want - shards))})")
     if missing:
         raise ValueError(f"checkpoint lacks tensor(s): {missing[:10]}")
-
-
-def _plain_copy(param: torch.Tensor, tensor: torch.Tensor | CheckpointTensor) -> None:
-    if param.shape != tensor.shape:
-        raise ValueError(f"shape mismatch: checkpoint has {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
-    param.data.copy_(as_tensor(tensor))
 
 
 def load_checkpoint(model: nn.Module, path: str, tie_word_embeddings: bool) -> None:
