@@ -56,7 +56,7 @@ def assert_clean(engine) -> None:
     """No request left anywhere, every block free, integrity holds."""
     assert not engine.has_unfinished_requests()
     assert not engine.requests, f"requests left in the engine: {list(engine.requests)}"
-    assert not engine.runner.seq_generators
+    assert not engine.runner.sampling.seq_generators
     engine.check_integrity()
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and all(c == 0 for c in bm.ref_counts)
@@ -527,7 +527,7 @@ def test_abort_running_waiting_and_preempted_requests(tiny_model_dir, llm):
         assert all(c.finish_reason == "abort" for c in out.outputs)
         assert rid not in engine.requests and engine.abort_request(rid) is None
         assert all(s.status is SequenceStatus.FINISHED and not s.block_table for s in seqs)
-        assert not {s.seq_id for s in seqs} & set(engine.runner.seq_generators)
+        assert not {s.seq_id for s in seqs} & set(engine.runner.sampling.seq_generators)
         assert bm.num_free_blocks == free_before + own
         assert all(s not in engine.scheduler.waiting and s not in engine.scheduler.running for s in seqs)
         engine.check_integrity()

@@ -245,7 +245,7 @@ class Soak:
     def after_round(self) -> None:
         engine = self.engine
         assert not engine.has_unfinished_requests()
-        assert not engine.requests and not engine.runner.seq_generators
+        assert not engine.requests and not engine.runner.sampling.seq_generators
         engine.check_integrity()
         bm = engine.block_manager
         assert bm.num_free_blocks == bm.num_blocks and all(c == 0 for c in bm.ref_counts)
