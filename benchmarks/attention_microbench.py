@@ -41,7 +41,6 @@ MIN_BYTES_PER_CALL = 256 << 20  # rotate caches until one pass covers this much 
 MAX_GRAPH_CALLS = 256
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 DTYPE = torch.bfloat16
-FIXED_SPLIT_LEN = 512
 
 
 def bench(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
@@ -102,13 +101,11 @@ def decode_case(
     }
 
 
-def decode_mixed_case(batch: int, policy: str, max_model_len: int = 4096, block_size: int = 256,
-                      config: tuple[int, int, int] | None = None, cache_gib: float = 0.0) -> dict:
+def decode_mixed_case(batch: int, max_model_len: int = 4096, block_size: int = 256, cache_gib: float = 0.0) -> dict:
     """Time decode_attention with context lengths drawn uniformly from [100, 2048] (as in the
-    middle of bench.py's run), under the split policy 'even' (default_num_splits, splits of
-    equal share) or 'fixed' (split_policy: pieces of a fixed minimum length). config overrides
-    the kernel's (BLOCK_N, warps, stages); cache_gib spreads the blocks over K and V caches of
-    that many GiB each (as the engine's cache fills most of the card)."""
+    middle of bench.py's run) and the engine's split count (default_num_splits); cache_gib
+    spreads the blocks over K and V caches of that many GiB each (as the engine's cache fills
+    most of the card)."""
     gen = torch.Generator().manual_seed(batch)
     lens = torch.randint(100, 2049, (batch,), generator=gen)
     blocks_per_seq = triton.cdiv(int(lens.max()), block_size)
@@ -122,23 +119,18 @@ def decode_mixed_case(batch: int, policy: str, max_model_len: int = 4096, block_
     seq_lens = lens.to(torch.int32).cuda()
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     out = torch.empty_like(q)
-    if policy == "even":
-        num_splits = default_num_splits(max_model_len, block_size, batch_size=batch, num_kv_heads=NUM_KV_HEADS)
-        min_len = 0
-    else:
-        num_splits, min_len = min(16, triton.cdiv(max_model_len, FIXED_SPLIT_LEN)), FIXED_SPLIT_LEN
+    num_splits = default_num_splits(max_model_len, block_size, batch_size=batch, num_kv_heads=NUM_KV_HEADS)
     partial_out, partial_lse = allocate_decode_workspace(batch, NUM_HEADS, HEAD_DIM, 16, "cuda")
 
     def run() -> None:
         decode_attention(q, k_cache, v_cache, out, seq_lens, table, HEAD_DIM**-0.5, partial_out, partial_lse,
-                         num_splits, min_len, config)
+                         num_splits)
 
     ms = bench_graph(run, 32)
     kv_bytes = 2 * int(lens.sum()) * NUM_KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
     gbps = kv_bytes / (ms * 1e-3) / 1e9
-    return {"kernel": "decode-mixed", "policy": policy, "batch": batch, "num_splits": num_splits,
-            "config": config, "cache_gib": cache_gib,
-            "min_split_len": min_len, "ms": ms, "kv_GBps": gbps, "frac_of_peak": gbps * 1e9 / PEAK_BYTES_PER_S}
+    return {"kernel": "decode-mixed", "batch": batch, "num_splits": num_splits, "cache_gib": cache_gib,
+            "ms": ms, "kv_GBps": gbps, "frac_of_peak": gbps * 1e9 / PEAK_BYTES_PER_S}
 
 
 def prefill_case(num_seqs: int, q_len: int, block_size: int) -> dict:
@@ -182,10 +174,7 @@ def main() -> None:
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--graph", action="store_true", help="time decode from CUDA graph replays")
     parser.add_argument("--json", default="", help="write all results to this path")
-    parser.add_argument("--mixed", action="store_true",
-                        help="only decode with mixed context lengths, both split policies")
-    parser.add_argument("--decode-configs", default="",
-                        help="with --mixed: ';'-separated BLOCK_N,warps,stages to compare (even splits only)")
+    parser.add_argument("--mixed", action="store_true", help="only decode with mixed context lengths")
     parser.add_argument("--cache-gib", default="0", help="with --mixed: comma list of K/V cache sizes in GiB")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -199,18 +188,14 @@ def main() -> None:
 
     results = []
     if args.mixed:
-        configs = [tuple(int(v) for v in c.split(",")) for c in args.decode_configs.split(";") if c]
-        cases = [("even", c) for c in configs] if configs else [("even", None), ("fixed", None)]
         for cache_gib in (float(c) for c in args.cache_gib.split(",")):
             for batch in batches:
-                for policy, config in cases:
-                    r = decode_mixed_case(batch, policy, config=config, cache_gib=cache_gib)
-                    results.append(r)
-                    torch.cuda.empty_cache()
-                    print(f"decode-mixed B={batch:4d} policy={policy:5s} splits={r['num_splits']:2d} "
-                          f"min_len={r['min_split_len']:3d} config={config} cache={cache_gib:g} GiB: "
-                          f"{r['ms'] * 1e3:8.1f} us {r['kv_GBps']:7.0f} GB/s ({100 * r['frac_of_peak']:5.1f}%)",
-                          flush=True)
+                r = decode_mixed_case(batch, cache_gib=cache_gib)
+                results.append(r)
+                torch.cuda.empty_cache()
+                print(f"decode-mixed B={batch:4d} splits={r['num_splits']:2d} cache={cache_gib:g} GiB: "
+                      f"{r['ms'] * 1e3:8.1f} us {r['kv_GBps']:7.0f} GB/s ({100 * r['frac_of_peak']:5.1f}%)",
+                      flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)

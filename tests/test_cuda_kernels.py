@@ -8,6 +8,9 @@ minute). The unmarked tests check the CPU fallback and run everywhere.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,10 @@ HEADS = [(16, 8, 128), (32, 8, 128), (16, 4, 64)]
 MAX_POSITION = 40960
 THETA = 1e6
 EPS = 1e-6
+
+# The ops have no fake (meta) versions (nothing traces them with torch.compile), so opcheck
+# checks the schema (aliasing and mutation as the kernels behave) and the autograd registration.
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration")
 
 # Elementwise (rtol, atol) and the bound on ||out - ref|| / ||ref||. The kernels round where
 # the reference rounds, so bf16/fp16 outputs differ by at most an ulp here and there.
@@ -236,7 +243,8 @@ def test_qk_norm_rope_store(ops: FusedOps, num_tokens: int, heads: tuple[int, in
         assert ours[~written].isnan().all(), "a slot that was not asked for was written"
         assert_matches(ours[written].contiguous(), ref[written].contiguous())
     torch.library.opcheck(torch.ops.myvllm.qk_norm_rope_store.default,
-                          (q, k, v, q_weight, k_weight, EPS, positions, cache, caches[0], caches[1], slots))
+                          (q, k, v, q_weight, k_weight, EPS, positions, cache, caches[0], caches[1], slots),
+                          test_utils=OPCHECK_UTILS)
 
 
 # --------------------------------------------------------------------------- activation
@@ -310,29 +318,64 @@ def test_ops_replay_in_cuda_graph(ops: FusedOps) -> None:
 
 
 @pytest.mark.gpu
-def test_ops_under_torch_compile(ops: FusedOps) -> None:
-    def step(*args: torch.Tensor):
-        return decoder_step(ops, *args)
-
-    compiled = torch.compile(step, fullgraph=True, dynamic=True)
-    reference_ops = FusedOps(False, "cuda")
-    for num_tokens in (7, 256):
-        inputs = decoder_inputs(num_tokens, torch.bfloat16)
-        for out, ref in zip(compiled(*inputs), decoder_step(reference_ops, *inputs)):
-            assert_matches(out, ref)
-
-
-@pytest.mark.gpu
 def test_opcheck(ops: FusedOps) -> None:
-    """Schemas, fake (meta) implementations and AOT tracing agree with the real kernels."""
+    """The schemas agree with what the kernels do (no aliasing of inputs, no hidden mutation)."""
     x, residual, w, qkv, qw, kw, positions, cache, gate_up = decoder_inputs(5, torch.bfloat16)
     q = qkv[:, : 16 * 128].view(5, 16, 128)
     k = qkv[:, 16 * 128 : 24 * 128].view(5, 8, 128)
     my = torch.ops.myvllm
-    torch.library.opcheck(my.rms_norm.default, (x, w, EPS))
-    torch.library.opcheck(my.fused_add_rms_norm.default, (x, residual, w, EPS))
-    torch.library.opcheck(my.qk_norm_rope.default, (q, k, qw, kw, EPS, positions, cache))
-    torch.library.opcheck(my.silu_and_mul.default, (gate_up,))
+    torch.library.opcheck(my.rms_norm.default, (x, w, EPS), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(my.fused_add_rms_norm.default, (x, residual, w, EPS), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(my.qk_norm_rope.default, (q, k, qw, kw, EPS, positions, cache), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(my.silu_and_mul.default, (gate_up,), test_utils=OPCHECK_UTILS)
+
+
+# Direct calls outside an op's contract (FusedOps never makes them: it checks
+# kernels/cuda/support.py first) raise RuntimeError from the op's own check, whose message
+# names the op. Each call runs in a child process, so that a regression which ends the process
+# fails that case alone. The aten cases are controls: a failed check in torch's own op, with
+# and without this extension loaded, shows whether the process can raise C++ errors at all.
+CHILD = """
+import torch
+{load}
+x, w = torch.randn(3, 64, device="cuda"), torch.ones(64, device="cuda")
+q, k = torch.randn(3, 4, 32, device="cuda"), torch.randn(3, 2, 32, device="cuda")
+hw, cos_sin = torch.ones(32, device="cuda"), torch.randn(64, 32, device="cuda")
+pos, slots = torch.zeros(3, dtype=torch.long, device="cuda"), torch.arange(3, device="cuda")
+kc, vc = torch.zeros(2, 16, 2, 32, device="cuda"), torch.zeros(2, 16, 2, 32, device="cuda")
+try:
+    {call}
+except RuntimeError as exc:
+    print("RuntimeError:", exc)
+"""
+LOAD = "from myvllm.kernels.cuda.build import load_cuda_ops\nassert load_cuda_ops()"
+BAD_CALLS = {  # case -> (load the extension, the call, the start of the expected message)
+    "rms_norm": (True, "torch.ops.myvllm.rms_norm(x, w[:32], 1e-6)", "rms_norm: weight must be [64]"),
+    "fused_add_rms_norm": (True, "torch.ops.myvllm.fused_add_rms_norm(x, x[:1], w, 1e-6)",
+                           "fused_add_rms_norm: residual shape"),
+    "qk_norm_rope": (True, "torch.ops.myvllm.qk_norm_rope(q, k, hw, hw, 1e-6, pos, cos_sin)",
+                     "qk_norm_rope: head_dim 32 not in"),
+    "qk_norm_rope_store": (True, "torch.ops.myvllm.qk_norm_rope_store(q, k, k.clone(), hw, hw, 1e-6, pos, cos_sin, "
+                                 "kc, vc, slots)", "qk_norm_rope: head_dim 32 not in"),
+    "silu_and_mul": (True, "torch.ops.myvllm.silu_and_mul(x[:, :63])", "silu_and_mul: last dim of x must be even"),
+    "gemv": (True, "torch.ops.myvllm.gemv(x, torch.randn(16, 64, device='cuda'), None, 0.0, False)",
+             "gemv: x must have 1..2 rows, got 3"),
+    "add_norm_gemv": (True, "torch.ops.myvllm.add_norm_gemv(x[:2], x, torch.randn(16, 64, device='cuda'), w, 1e-6, "
+                            "False)", "add_norm_gemv: residual shape"),
+    "aten_with_extension": (True, "x.view(5)", "shape '[5]' is invalid"),
+    "aten_without_extension": (False, "x.view(5)", "shape '[5]' is invalid"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_failed_op_checks_raise(case: str) -> None:
+    load, call, message = BAD_CALLS[case]
+    script = CHILD.format(load=LOAD if load else "", call=call)
+    child = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stdout[-1000:]} {child.stderr[-2000:]}"
+    assert f"RuntimeError: {message}" in child.stdout, child.stdout
 
 
 @pytest.mark.gpu

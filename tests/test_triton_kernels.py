@@ -278,30 +278,6 @@ def test_default_num_splits():
     assert default_num_splits(64, 256) == 1
 
 
-def test_decode_min_split_len_matches_reference():
-    """Fixed-length splits (the large-batch policy): most programs past a sequence's end."""
-    from myvllm.kernels.reference import paged_attention
-    from myvllm.kernels.triton_decode_attention import allocate_decode_workspace, decode_attention
-
-    torch.manual_seed(5)
-    block_size, hkv, h, d = 16, 2, 4, 32
-    lens = torch.tensor([1, 17, 70, 130, 0], dtype=torch.int32)
-    batch = lens.shape[0]
-    blocks = 9
-    k_cache = torch.randn(batch * blocks, block_size, hkv, d)
-    v_cache = torch.randn(batch * blocks, block_size, hkv, d)
-    tables = torch.randperm(batch * blocks).to(torch.int32).view(batch, blocks)
-    q = torch.randn(batch, h, d)
-    out = torch.full_like(q, float("nan"))
-    po, pl = allocate_decode_workspace(batch, h, d, 8, "cpu")
-    po.fill_(float("nan"))
-    decode_attention(q, k_cache, v_cache, out, lens, tables, d**-0.5, po, pl, 8, 64)
-    ref = paged_attention(q, k_cache, v_cache, torch.arange(batch + 1, dtype=torch.int32), lens, tables, d**-0.5)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-
-
-
 def test_decode_large_batch_tiles():
     """From LARGE_BATCH sequences on, the kernel walks the context in larger tiles."""
     from myvllm.kernels.triton_decode_attention import LARGE_BATCH, decode_config

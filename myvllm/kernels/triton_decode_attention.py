@@ -2,24 +2,15 @@
 
 Stage 1, grid `(Hkv, B, num_splits)`: a program takes all query heads of one KV head
 (the GQA group, padded to at least 16 rows so that tl.dot applies) and one contiguous
-slice of its sequence's context: ceil(seq_len / num_splits) tokens rounded up to the
-KV tile, and at least min_split_len tokens. It walks that slice through the block
-table in tiles of BLOCK_N tokens with an online softmax in float32 and writes the
-normalised partial output and its log-sum-exp (natural log). A split with no tokens
-writes only lse = -inf.
-
-min_split_len > 0 cuts sequences into pieces of a fixed minimum length instead (programs
-past a sequence's end exit at once). On an H100 with context lengths spread over
-100..2048 this measured the same as equal shares (B=64: 88.5% vs 88.4% of 3 TB/s,
-B=128: 90.6% vs 87.7%, B=256: 91.5% vs 94.4%), so the engine uses equal shares.
+slice of its sequence's context: an equal share, ceil(seq_len / num_splits) tokens
+rounded up to the KV tile. It walks that slice through the block table in tiles of
+BLOCK_N tokens with an online softmax in float32 and writes the normalised partial
+output and its log-sum-exp (natural log). A split with no tokens writes only lse = -inf.
 
 Stage 2, grid `(B, H)`: merges the splits of one head by their log-sum-exp into out.
 With one split (large batches) stage 1 writes out itself and stage 2 is not launched.
 
-On sm_90+ both stages go out with programmatic dependent launch (see launches_pdl). Two
-variants measured slower at batch 1 in the engine and were dropped (docs/performance.md,
-runs V and X): merging in stage 1 (the last split program to finish merges, counted by an
-atomic), and loading each split's first KV tile before the wait for the kernel before.
+On sm_90+ both stages go out with programmatic dependent launch (see launches_pdl).
 
 The launch reads no device data on the host and its grid depends only on B and
 num_splits, so it can be captured in a CUDA graph and replayed with new seq_lens and
@@ -65,7 +56,6 @@ def _decode_split_kernel(
     stride_lb,
     stride_lh,
     NUM_SPLITS: tl.constexpr,
-    MIN_SPLIT_LEN: tl.constexpr,  # a split covers at least this many tokens (a multiple of BLOCK_N)
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16, power of two
     HEAD_DIM: tl.constexpr,
@@ -82,7 +72,7 @@ def _decode_split_kernel(
     if USE_PDL:  # q and the newest K/V come from the kernel before
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT_LEN)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -211,10 +201,9 @@ def launches_pdl(device: torch.device) -> bool:
 
 
 def decode_config(head_dim: int, batch: int = 1) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel. On an H100 (H=16, Hkv=8, D=128,
-    contexts 100..2048, `attention_microbench.py --mixed --decode-configs`): 128-token tiles in
-    two stages read 99.0% of 3 TB/s at B=256 against 97.1% for 64-token tiles in three, and
-    90.3% against 91.4% at B=64."""
+    """(BLOCK_N, num_warps, num_stages) of the split kernel: from LARGE_BATCH sequences on, longer
+    tiles in fewer stages read the cache faster; below it, shorter tiles keep more programs busy
+    (benchmarks/attention_microbench.py measures both; see docs/performance.md)."""
     if head_dim <= 128:
         return (128, 4, 2) if batch >= LARGE_BATCH else (64, 4, 3)
     return 32, 4, 3
@@ -233,9 +222,7 @@ def default_num_splits(
     up to MAX_SPLITS, with no split shorter than one KV tile at max_model_len. With
     batch_size: only as many splits as it takes for B * num_kv_heads * splits programs
     to reach about two per SM; past that, splitting only adds merge traffic and short
-    programs. On an H100 (H=16, Hkv=8, D=128, bf16, CUDA graphs): one 4096-token
-    sequence takes 102 us with 1 split and 15 us with 16; at B=256 one split is best
-    (context 1024: 373 us against 412 us with 16; context 64: 35 us against 118 us).
+    programs (see docs/performance.md).
 
     block_size does not enter the current heuristic: splits are cut on KV-tile
     boundaries, which work for every cache block size.
@@ -275,17 +262,13 @@ def decode_attention(
     partial_out: torch.Tensor,
     partial_lse: torch.Tensor,
     num_splits: int,
-    min_split_len: int = 0,
-    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV; writes and returns out `[B, H, D]`.
 
     q `[B, H, D]` (unit stride on D); caches `[num_blocks, block_size, Hkv, D]`;
     seq_lens `[B]` int32 (including the new token); block_tables `[B, max_blocks]` int32;
     partial_out `[B_max, H, S_max, D]` / partial_lse `[B_max, H, S_max]` float32 workspace
-    with B_max >= B and S_max >= num_splits. min_split_len (rounded up to the KV tile) is
-    the fewest tokens a non-empty split covers. config (BLOCK_N, num_warps, num_stages)
-    overrides decode_config (for measurements).
+    with B_max >= B and S_max >= num_splits.
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -303,9 +286,8 @@ def decode_attention(
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    block_n, num_warps, num_stages = config or decode_config(head_dim, batch)
+    block_n, num_warps, num_stages = decode_config(head_dim, batch)
     pdl = launches_pdl(q.device)
-    min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q,
         k_cache,
@@ -330,7 +312,6 @@ def decode_attention(
         partial_lse.stride(0),
         partial_lse.stride(1),
         NUM_SPLITS=num_splits,
-        MIN_SPLIT_LEN=min_split_len,
         GROUP=group,
         GROUP_PAD=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,

@@ -164,10 +164,9 @@ def _prefill_attention_kernel(
 def prefill_config(head_dim: int, max_query_len: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head_dim and the step's longest query.
 
-    Chosen from H100 bf16 timings (H=16, Hkv=8). head_dim 128: 64x64 tiles with 4 warps
-    are fastest for prompts up to ~1k tokens (16 x 1024: 268 TFLOP/s); 128x128 tiles
-    with 8 warps win on long prompts (2 x 8192: 413 TFLOP/s against 366). head_dim 64:
-    64x64 tiles with 4 warps are within a few percent of the best everywhere.
+    64x64 tiles with 4 warps suit prompts up to about a thousand tokens at every head_dim up
+    to 128; at head_dim 128, 128x128 tiles with 8 warps pay from 2,048-token queries on
+    (benchmarks/attention_microbench.py; see docs/performance.md).
     """
     if max_query_len <= 16:  # decode rows, speculative or very short chunks
         return 16, 64 if head_dim <= 128 else 32, 4, 3

@@ -1,7 +1,7 @@
-// Registers the CUDA kernels as torch custom ops in the `myvllm` namespace, so that
-// torch.compile and CUDA graph capture see ordinary dispatcher ops. All ops return new
-// tensors; qk_norm_rope_store also mutates the caches it is given (declared in its schema).
-// The fake (meta) versions live in build.py.
+// Registers the CUDA kernels as torch custom ops in the `myvllm` namespace, so that CUDA graph
+// capture sees ordinary dispatcher ops. All ops return new tensors; qk_norm_rope_store also
+// mutates the caches it is given (declared in its schema). There are no fake (meta) versions:
+// nothing traces these ops with torch.compile.
 //
 // TORCH_LIBRARY may define a namespace only once per process, so this library owns
 // `myvllm`: other code adding ops to it must use TORCH_LIBRARY_FRAGMENT, or
@@ -11,7 +11,6 @@
 
 #include <optional>
 #include <tuple>
-#include <vector>
 
 namespace myvllm {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -38,27 +37,22 @@ std::tuple<at::Tensor, at::Tensor> add_norm_gemv(const at::Tensor& x, const at::
 }  // namespace myvllm
 
 TORCH_LIBRARY(myvllm, m) {
-  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", tags);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def(
       "fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) "
-      "-> (Tensor, Tensor)",
-      tags);
+      "-> (Tensor, Tensor)");
   m.def(
       "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, "
-      "Tensor positions, Tensor cos_sin_cache) -> (Tensor, Tensor)",
-      tags);
+      "Tensor positions, Tensor cos_sin_cache) -> (Tensor, Tensor)");
   m.def(
       "qk_norm_rope_store(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, "
       "float eps, Tensor positions, Tensor cos_sin_cache, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)",
-      tags);
-  m.def("silu_and_mul(Tensor x) -> Tensor", tags);
-  m.def("gemv(Tensor x, Tensor weight, Tensor? norm_weight, float eps, bool silu) -> Tensor", tags);
+      "Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("gemv(Tensor x, Tensor weight, Tensor? norm_weight, float eps, bool silu) -> Tensor");
   m.def(
       "add_norm_gemv(Tensor x, Tensor residual, Tensor weight, Tensor norm_weight, float eps, "
-      "bool silu) -> (Tensor, Tensor)",
-      tags);
+      "bool silu) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(myvllm, CUDA, m) {

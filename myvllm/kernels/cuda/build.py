@@ -9,7 +9,7 @@ takes about a minute; later processes reuse it (ninja rebuilds only when a sourc
 changes, e.g. on another GPU arch).
 
 Schemas (outputs new and contiguous, in the inputs' dtype; qk_norm_rope_store also writes
-K and V into the caches it is given):
+K and V into the caches it is given; what each accepts: support.py):
     rms_norm(Tensor x, Tensor weight, float eps) -> Tensor
     fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)
     qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps,
@@ -82,55 +82,6 @@ def _build_and_load() -> None:
     )
 
 
-def _register_fakes() -> None:
-    """Shape/dtype-only versions of the ops, so torch.compile can trace them."""
-
-    def contiguous_like(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("myvllm::rms_norm")
-    def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return contiguous_like(x)
-
-    @torch.library.register_fake("myvllm::fused_add_rms_norm")
-    def _fused_add_rms_norm(
-        x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return contiguous_like(x), contiguous_like(x)
-
-    @torch.library.register_fake("myvllm::qk_norm_rope")
-    def _qk_norm_rope(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        q_weight: torch.Tensor,
-        k_weight: torch.Tensor,
-        eps: float,
-        positions: torch.Tensor,
-        cos_sin_cache: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return contiguous_like(q), contiguous_like(k)
-
-    @torch.library.register_fake("myvllm::qk_norm_rope_store")
-    def _qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, k_cache, v_cache,
-                            slot_mapping) -> tuple[torch.Tensor, torch.Tensor]:
-        return contiguous_like(q), contiguous_like(k)
-
-    @torch.library.register_fake("myvllm::silu_and_mul")
-    def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-
-    def gemv_out(x: torch.Tensor, weight: torch.Tensor, silu: bool) -> torch.Tensor:
-        return x.new_empty((x.shape[0], weight.shape[0] // 2 if silu else weight.shape[0]))
-
-    @torch.library.register_fake("myvllm::gemv")
-    def _gemv(x, weight, norm_weight, eps, silu) -> torch.Tensor:
-        return gemv_out(x, weight, silu)
-
-    @torch.library.register_fake("myvllm::add_norm_gemv")
-    def _add_norm_gemv(x, residual, weight, norm_weight, eps, silu) -> tuple[torch.Tensor, torch.Tensor]:
-        return gemv_out(x, weight, silu), contiguous_like(x)
-
-
 @functools.cache
 def load_cuda_ops() -> bool:
     """Build and load the kernels once per process; True if `torch.ops.myvllm` is usable.
@@ -145,7 +96,6 @@ def load_cuda_ops() -> bool:
         return False
     try:
         _build_and_load()
-        _register_fakes()
     except Exception as exc:  # noqa: BLE001 - a failed build must never take the engine down
         logger.info("CUDA kernels not used (build failed: %s); falling back to the torch reference ops", exc)
         return False

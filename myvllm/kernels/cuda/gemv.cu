@@ -5,9 +5,10 @@
 //   add_norm_gemv(x, residual, W, norm_w, eps, silu) s = x + residual; out = epi(rms_norm(s) @ W^T)
 //                                                   -> (out, s)
 //
-// x [rows, K] with rows <= kMaxRows, W [N, K] row-major (nn.Linear's layout). The prologue is
-// nothing or RMSNorm (plus the residual add); the epilogue is nothing or silu(gate) * up over
-// the two halves of W's rows (gate_up_proj), which halves the output to [rows, N / 2].
+// x [rows, K] with rows <= kMaxRows (two), W [N, K] row-major (nn.Linear's layout). The
+// prologue is nothing or RMSNorm (plus the residual add); the epilogue is nothing or
+// silu(gate) * up over the two halves of W's rows (gate_up_proj), which halves the output to
+// [rows, N / 2].
 //
 // Why: at one token a Qwen3 layer is ~11 kernels whose launch and ramp cost more than their
 // bytes; this puts norm + projection (+ activation) into one, and reads the weights faster
@@ -23,10 +24,10 @@
 // the next one's weights while it reduces the current one (the LM head, 151,936 outputs, reads
 // as fast as cuBLAS that way). Block 0 alone writes s.
 //
-// At one or two tokens, when a block's share of W fits in shared memory (one block an SM), the
-// staged form runs instead (gemv_staged_kernel): the weights go to shared memory by cp.async
-// before the dependent-launch wait, so its blocks fit beside the kernels before it and fetch
-// their weights while those run.
+// When a block's share of W fits in shared memory (one block an SM), the staged form runs
+// instead (gemv_staged_kernel): the weights go to shared memory by cp.async before the
+// dependent-launch wait, so its blocks fit beside the kernels before it and fetch their weights
+// while those run.
 //
 // Numerics follow myvllm/kernels/reference.py composed (fused_add_rms_norm or rms_norm,
 // F.linear, silu_and_mul): float32 arithmetic rounded to T where the unfused ops round (s, the
@@ -54,14 +55,11 @@
 namespace myvllm {
 namespace {
 
-// Blocks resident per SM, which caps registers at 64 (M <= 2) or 128 a thread, and the 16-byte
-// weight vectors each lane keeps in flight (over all its rows): at one or two tokens, four
-// blocks an SM run the 0.6B projections (up to 512 blocks) in one wave, each SM with 64 KB of
-// weights in flight either way.
-template <int M>
-constexpr int min_blocks() { return M <= 2 ? 4 : 2; }
-template <int M>
-constexpr int in_flight() { return M <= 2 ? 4 : 8; }
+// Blocks resident per SM, which caps registers at 64 a thread, and the 16-byte weight vectors
+// each lane keeps in flight (over all its rows): four blocks an SM run the 0.6B projections (up
+// to 512 blocks) in one wave, each SM with 64 KB of weights in flight.
+constexpr int kMinBlocks = 4;
+constexpr int kInFlight = 4;
 
 // 16 bytes of weights, read once per pass: kept out of L1.
 template <typename V>
@@ -93,14 +91,14 @@ __device__ __forceinline__ void load_weights(V (&wv)[R][U], const V* const (&wro
 // through shared memory), then moves on by gridDim.x such groups: with a grid of one wave, x is
 // staged once per block however many columns there are.
 template <typename T, int VEC, int M, int PRO, bool SILU>
-__global__ void __launch_bounds__(kThreads, min_blocks<M>())
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     gemv_kernel(T* __restrict__ out, T* __restrict__ res_out, const T* __restrict__ x,
                 int64_t x_stride, const T* __restrict__ residual, int64_t res_stride,
                 const T* __restrict__ w, const T* __restrict__ norm_w, float eps, int rows,
                 int n_out, int k, int slices) {
   using V = Vec<T, VEC>;
   constexpr int R = SILU ? 2 : 1;  // weight rows per column
-  constexpr int U = in_flight<M>() / R;  // vectors of each row per sweep
+  constexpr int U = kInFlight / R;  // vectors of each row per sweep
   extern __shared__ __align__(16) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
   __shared__ float slice_sums[kWarps][R][M];
@@ -215,7 +213,7 @@ void launch_m(T* out, T* res_out, const T* x, int64_t x_stride, const T* residua
     return true;
   }();
   (void)opted_in;
-  const int slots = num_sms() * min_blocks<M>();  // blocks resident at once
+  const int slots = num_sms() * kMinBlocks;  // blocks resident at once
   const int nvec = k / kVec;
   // Split K over more warps while one wave still holds every block and each piece of K still
   // gives every lane a vector: the 1,024-column projections of Qwen3-0.6B (o, down) get four
@@ -231,8 +229,6 @@ void launch_m(T* out, T* res_out, const T* x, int64_t x_stride, const T* residua
              res_out, x, x_stride, residual, res_stride, w, norm_w, eps, rows, n_out, k, slices);
 }
 
-int padded_rows(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
-
 template <typename T, int PRO, bool SILU>
 void launch(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
             int64_t res_stride, const T* w, const T* norm_w, float eps, int rows, int n_out,
@@ -241,12 +237,8 @@ void launch(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
     launch_m<T, decltype(m_c)::value, PRO, SILU>(out, res_out, x, x_stride, residual, res_stride,
                                                  w, norm_w, eps, rows, n_out, k);
   };
-  switch (padded_rows(rows)) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 4: run(std::integral_constant<int, 4>{}); break;
-    default: run(std::integral_constant<int, 8>{});
-  }
+  if (rows == 1) run(std::integral_constant<int, 1>{});
+  else run(std::integral_constant<int, 2>{});
 }
 
 void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name) {
@@ -271,7 +263,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, bool silu) {
               rows);
   TORCH_CHECK(k % vec == 0 && x.stride(0) % vec == 0, "gemv: K and x's row stride must be ",
               "multiples of ", vec);
-  TORCH_CHECK(padded_rows(rows) * k * x.element_size() <= max_smem, "gemv: ", rows, " rows of ",
+  TORCH_CHECK(rows * k * x.element_size() <= max_smem, "gemv: ", rows, " rows of ",
               k, " elements exceed the ", max_smem, "-byte staging buffer");
   TORCH_CHECK(weight.size(0) >= (silu ? 2 : 1) && (!silu || weight.size(0) % 2 == 0),
               "gemv: weight needs ", silu ? "an even number of rows (gate, up)" : "rows", ", got ",

@@ -1,5 +1,5 @@
-// The staged matrix-vector kernel (one or two tokens, a block's share of W in shared memory),
-// launched by gemv.cu's launch_m where it applies. Included by gemv.cu only.
+// The staged matrix-vector kernel (a block's share of W in shared memory), launched by gemv.cu's
+// launch_m where it applies. Included by gemv.cu only.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -32,8 +32,8 @@ __device__ __forceinline__ void wait_async_copies() {
 #endif
 }
 
-// The staged form, for one or two tokens when a block's share of W fits in shared memory (all
-// four projections of Qwen3-0.6B): block b owns the contiguous output columns
+// The staged form, for when a block's share of W fits in shared memory (all four projections of
+// Qwen3-0.6B): block b owns the contiguous output columns
 // [b * cols_per_block, ...) and copies their weight rows (and, with SILU, the matching up rows)
 // into shared memory with cp.async before it waits for the kernel before it. The copies hold no
 // registers, so the block is small enough to be resident beside the blocks of the kernels before
@@ -109,37 +109,33 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr int kMaxStagedWeights = 112 * 1024;  // a block's share of W in the staged form
 
-// Launches the staged form when it applies (M <= 2 and, with one block an SM, a block's share of
-// W within kMaxStagedWeights); false if not.
+// Launches the staged form when it applies (with one block an SM, a block's share of W within
+// kMaxStagedWeights); false if not.
 template <typename T, int M, int PRO, bool SILU>
 bool launch_staged(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
                    int64_t res_stride, const T* w, const T* norm_w, float eps, int rows, int n_out,
                    int k) {
-  if constexpr (M > 2) {
-    return false;
-  } else {
-    constexpr int R = SILU ? 2 : 1;
-    const int cols_per_block = ceil_div(n_out, num_sms());
-    const int64_t weight_bytes = static_cast<int64_t>(R) * cols_per_block * k * sizeof(T);
-    if (weight_bytes > kMaxStagedWeights) return false;
-    constexpr int kVec = 16 / sizeof(T);
-    auto* kernel = gemv_staged_kernel<T, kVec, M, PRO, SILU>;
-    static const bool configured = [&] {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          kMaxStagedWeights + kMaxSmem));
-      // Keep the SMs configured for the most shared memory, so that the next kernel's blocks
-      // fit beside this one's without the SM draining to change its L1/shared split.
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared));
-      return true;
-    }();
-    (void)configured;
-    const int smem = static_cast<int>(weight_bytes) + M * k * static_cast<int>(sizeof(T));
-    launch_pdl(kernel, dim3(ceil_div(n_out, cols_per_block)), dim3(kThreads), smem,
-               c10::cuda::getCurrentCUDAStream(), out, res_out, x, x_stride, residual, res_stride,
-               w, norm_w, eps, rows, n_out, k, cols_per_block);
+  constexpr int R = SILU ? 2 : 1;
+  const int cols_per_block = ceil_div(n_out, num_sms());
+  const int64_t weight_bytes = static_cast<int64_t>(R) * cols_per_block * k * sizeof(T);
+  if (weight_bytes > kMaxStagedWeights) return false;
+  constexpr int kVec = 16 / sizeof(T);
+  auto* kernel = gemv_staged_kernel<T, kVec, M, PRO, SILU>;
+  static const bool configured = [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kMaxStagedWeights + kMaxSmem));
+    // Keep the SMs configured for the most shared memory, so that the next kernel's blocks
+    // fit beside this one's without the SM draining to change its L1/shared split.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
     return true;
-  }
+  }();
+  (void)configured;
+  const int smem = static_cast<int>(weight_bytes) + M * k * static_cast<int>(sizeof(T));
+  launch_pdl(kernel, dim3(ceil_div(n_out, cols_per_block)), dim3(kThreads), smem,
+             c10::cuda::getCurrentCUDAStream(), out, res_out, x, x_stride, residual, res_stride,
+             w, norm_w, eps, rows, n_out, k, cols_per_block);
+  return true;
 }
 
 }  // namespace
