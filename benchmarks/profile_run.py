@@ -1,6 +1,6 @@
 """Where the time of a bench.py run goes.
 
-    python benchmarks/profile_run.py [--num-scheduler-steps 8] [--json out.json]   (dummy Qwen3-0.6B weights)
+    python benchmarks/profile_run.py [--num-decode-passes 8] [--json out.json]   (dummy Qwen3-0.6B weights)
 
 1. The whole workload through LLMEngine.step, with host timers around the scheduler,
    the model runner and the bookkeeping after it: wall time per phase, per step.
