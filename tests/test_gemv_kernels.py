@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from capture_util import capture_outputs
-from test_cuda_kernels import EPS, assert_matches, norm_weight, poison_allocator
+from test_cuda_kernels import EPS, OPCHECK_UTILS, assert_matches, norm_weight, poison_allocator
 
 from myvllm.kernels import reference
 from myvllm.kernels.cuda.support import GEMV_MAX_ROWS, gemv_fits
@@ -157,12 +157,13 @@ def test_gemv_replays_in_cuda_graph(ops: FusedOps) -> None:
 @pytest.mark.gpu
 def test_opcheck(ops: FusedOps) -> None:
     dtype = torch.bfloat16
-    x, residual = torch.randn(3, 1024, device="cuda").to(dtype), torch.randn(3, 1024, device="cuda").to(dtype)
+    x = torch.randn(GEMV_MAX_ROWS, 1024, device="cuda").to(dtype)
+    residual = torch.randn(GEMV_MAX_ROWS, 1024, device="cuda").to(dtype)
     nw, w = norm_weight(1024, dtype), make_weight(1024, 512, dtype)
     my = torch.ops.myvllm
-    torch.library.opcheck(my.gemv.default, (x, w, None, 0.0, False))
-    torch.library.opcheck(my.gemv.default, (x, w, nw, EPS, True))
-    torch.library.opcheck(my.add_norm_gemv.default, (x, residual, w, nw, EPS, True))
+    torch.library.opcheck(my.gemv.default, (x, w, None, 0.0, False), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(my.gemv.default, (x, w, nw, EPS, True), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(my.add_norm_gemv.default, (x, residual, w, nw, EPS, True), test_utils=OPCHECK_UTILS)
 
 
 # --------------------------------------------------------------------------- CPU (CI)
