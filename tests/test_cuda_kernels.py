@@ -273,7 +273,7 @@ def test_silu_and_mul_unaligned_and_3d(ops: FusedOps, dtype: torch.dtype) -> Non
     assert ops.silu_and_mul(x[:0]).shape == (0, 1001)
 
 
-# --------------------------------------------------------------------------- graphs, compile
+# --------------------------------------------------------------------------- graphs
 
 
 def decoder_step(ops: FusedOps, x, residual, w, qkv, q_weight, k_weight, positions, cache, gate_up):

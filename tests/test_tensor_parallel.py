@@ -114,8 +114,9 @@ def test_each_rank_reads_only_its_shard(layout, tiny_model_dir, mqa_dir, monkeyp
     from myvllm.attention.torch_backend import TorchAttentionBackend
     from myvllm.distributed.parallel_state import TensorParallelGroup
     from myvllm.kernels.fused_ops import FusedOps
-    from myvllm.models.loader import CheckpointTensor, load_checkpoint
+    from myvllm.models.loader import load_checkpoint
     from myvllm.models.qwen3_opt import Qwen3ForCausalLM
+    from myvllm.models.weight_utils import CheckpointTensor
 
     path = tiny_model_dir if layout == "gqa" else mqa_dir
     cfg = ModelConfig.from_hf(path)

@@ -27,6 +27,7 @@ from myvllm.kernels.cuda.support import gemv_fits
 logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
+KERNELS = (*support.CHECKS, "gemv", "add_norm_gemv")  # the ops of torch.ops.myvllm
 
 
 class FusedOps:
@@ -35,10 +36,8 @@ class FusedOps:
     def __init__(self, use_cuda_kernels: bool, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.uses_cuda_kernels: bool = use_cuda_kernels and self.device.type == "cuda" and load_cuda_ops()
-        self._kernel = {}
-        if self.uses_cuda_kernels:
-            self._kernel = {op: getattr(torch.ops.myvllm, op).default for op in (*support.CHECKS, "gemv",
-                                                                                  "add_norm_gemv")}
+        # op name -> its torch.ops.myvllm overload, looked up once
+        self._kernel = {op: getattr(torch.ops.myvllm, op).default for op in KERNELS} if self.uses_cuda_kernels else {}
         self._decided: dict[tuple, bool] = {}
         self._refused: set[tuple[str, str]] = set()
 
