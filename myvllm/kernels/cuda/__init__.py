@@ -1,1 +1,2 @@
-"""CUDA sources of the fused kernels and the code that builds them at first use."""
+"""CUDA sources of the fused kernels, the code that builds them at first use (build.py) and
+what each op accepts (support.py)."""
