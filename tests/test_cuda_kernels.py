@@ -367,15 +367,28 @@ BAD_CALLS = {  # case -> (load the extension, the call, the start of the expecte
 }
 
 
+def run_child(load: bool, call: str) -> subprocess.CompletedProcess:
+    """CHILD with call, in a fresh interpreter that prints a Python traceback if it crashes."""
+    script = CHILD.format(load=LOAD if load else "", call=call)
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_failed_op_checks_raise(case: str) -> None:
     load, call, message = BAD_CALLS[case]
-    script = CHILD.format(load=LOAD if load else "", call=call)
-    child = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
-                           capture_output=True, text=True, timeout=300)
-    assert child.returncode == 0, f"exit {child.returncode}: {child.stdout[-1000:]} {child.stderr[-2000:]}"
+    child = run_child(load, call)
+    assert child.returncode == 0, f"exit {child.returncode}; stdout: {child.stdout[-1000:]}; {child.stderr[-3000:]}"
     assert f"RuntimeError: {message}" in child.stdout, child.stdout
+
+
+@pytest.mark.gpu
+def test_a_process_using_the_ops_exits_cleanly() -> None:
+    """The control for the cases above: valid calls, then a normal exit."""
+    child = run_child(True, 'print("ok", torch.ops.myvllm.rms_norm(x, w, 1e-6).shape)')
+    assert child.returncode == 0, f"exit {child.returncode}; stdout: {child.stdout[-1000:]}; {child.stderr[-3000:]}"
+    assert "ok torch.Size([3, 64])" in child.stdout
 
 
 @pytest.mark.gpu
