@@ -11,8 +11,9 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-// Rows of x; M (the kernel's row count) is the number of rows, 1 or 2: past two tokens cuBLAS
-// is as fast (see docs/performance.md), so larger M are not instantiated.
+// Rows of x; M (the kernel's row count) is the number of rows, 1 or 2: past two tokens the
+// kernel no longer pays over a decode step, the LM head above all (see docs/performance.md),
+// so larger M are not instantiated.
 constexpr int kMaxRows = 2;
 constexpr int kMaxSmem = 96 * 1024;  // staged x: M * K * sizeof(T) bytes (opted in past 48 KB)
 

@@ -17,8 +17,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows up to this many elements fit the norm kernel's register cache at any alignment (norm.cu).
 NORM_MAX_HIDDEN = 8192
 QK_HEAD_DIMS = (64, 128, 256)  # the head dims qk_norm_rope.cu is instantiated for
-# The matrix-vector kernel beats cuBLAS at one and two tokens (see docs/performance.md); it is
-# instantiated for those row counts only (gemv.cu's kMaxRows).
+# The matrix-vector kernel beats cuBLAS over a decode step at one and two tokens, not past them
+# (see docs/performance.md); it is instantiated for those row counts only (gemv.cu's kMaxRows).
 GEMV_MAX_ROWS = 2
 GEMV_MAX_STAGED_BYTES = 96 * 1024  # the rows of x it stages in shared memory (gemv.cu's kMaxSmem)
 
