@@ -5,7 +5,7 @@
 // multiply, whose float32 product is rounded once more. exp and the division use the
 // hardware approximations (__expf, __fdividef): their few-ulp float32 error is far below
 // bf16/fp16 rounding (and < 1e-5 relative in float32), while the accurate sequences sit on
-// the critical path of this latency-bound kernel (about 0.2 us per call at decode sizes).
+// the critical path of this latency-bound kernel at decode sizes.
 // The limits stay right: g -> -inf gives g / inf = -0, g -> +inf gives g.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
