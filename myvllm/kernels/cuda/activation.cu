@@ -61,10 +61,10 @@ void launch(T* out, const T* x, int64_t x_stride, int64_t rows, int d) {
 }  // namespace
 
 at::Tensor silu_and_mul(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "silu_and_mul: x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "silu_and_mul: last dim of x must be even");
+  MYVLLM_CHECK(x.is_cuda(), "silu_and_mul: x must be a CUDA tensor");
+  MYVLLM_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "silu_and_mul: last dim of x must be even");
   const int64_t d = x.size(-1) / 2;
-  TORCH_CHECK(d <= INT32_MAX, "silu_and_mul: last dim too large");
+  MYVLLM_CHECK(d <= INT32_MAX, "silu_and_mul: last dim too large");
   const c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d;

@@ -2,10 +2,15 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
+#include <cstdarg>
 #include <cstdint>
+#include <cstdio>
 #include <utility>
 
 // float32, float16 and bfloat16 only (no double: it would just double the build time).
@@ -16,6 +21,41 @@
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace myvllm {
+
+// The argument checks of this library's ops: MYVLLM_CHECK(cond, printf-format, args...) raises
+// the RuntimeError TORCH_CHECK raises, with the message formatted on the stack. A TORCH_CHECK
+// whose message has arguments builds a std::string here, and such a failed check ended the
+// process (a segmentation fault) on the H200 where a plain-string one raised; this form makes
+// no std::string and no iostream on this side. Arguments: ints as long long, strings as
+// const char* (dtype_name, ShapeText).
+[[noreturn]] __attribute__((noinline, format(printf, 4, 5))) inline void check_failed(
+    const char* func, const char* file, int line, const char* format, ...) {
+  char message[512];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(message, sizeof(message), format, args);
+  va_end(args);
+  ::c10::detail::torchCheckFail(func, file, static_cast<uint32_t>(line), message);
+}
+
+#define MYVLLM_CHECK(cond, ...)                                                     \
+  do {                                                                              \
+    if (C10_UNLIKELY(!(cond))) ::myvllm::check_failed(__func__, __FILE__, __LINE__, __VA_ARGS__); \
+  } while (0)
+
+inline const char* dtype_name(c10::ScalarType t) { return c10::toString(t); }
+
+// A shape as text ("[3, 64]") in a buffer of its own, for MYVLLM_CHECK messages.
+struct ShapeText {
+  char text[96];
+  explicit ShapeText(c10::IntArrayRef sizes) {
+    int used = std::snprintf(text, sizeof(text), "[");
+    for (size_t i = 0; i < sizes.size() && used < static_cast<int>(sizeof(text)); ++i)
+      used += std::snprintf(text + used, sizeof(text) - used, i ? ", %lld" : "%lld",
+                            static_cast<long long>(sizes[i]));
+    if (used < static_cast<int>(sizeof(text))) std::snprintf(text + used, sizeof(text) - used, "]");
+  }
+};
 
 // Round a float32 value to T and back: the rounding torch applies between two ops in T.
 template <typename T>

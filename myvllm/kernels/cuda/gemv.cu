@@ -242,33 +242,41 @@ void launch(T* out, T* res_out, const T* x, int64_t x_stride, const T* residual,
 }
 
 void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "gemv: ", name, " must be on x's device");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "gemv: ", name, " dtype ", t.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(t.stride(-1) == 1 && aligned16(t.const_data_ptr()), "gemv: ", name,
-              " must have unit stride on its last dim and a 16-byte aligned start");
+  MYVLLM_CHECK(t.device() == x.device(), "gemv: %s must be on x's device", name);
+  MYVLLM_CHECK(t.scalar_type() == x.scalar_type(), "gemv: %s dtype %s differs from x dtype %s", name,
+               dtype_name(t.scalar_type()), dtype_name(x.scalar_type()));
+  MYVLLM_CHECK(t.stride(-1) == 1 && aligned16(t.const_data_ptr()),
+               "gemv: %s must have unit stride on its last dim and a 16-byte aligned start", name);
 }
 
-// Checks the contract that myvllm/kernels/fused_ops.py's gemv_fits() tests before calling.
+// A norm weight of x's row length, contiguous (a 1-D tensor with unit stride) and aligned.
+void check_norm_weight(const at::Tensor& nw, const at::Tensor& x, const char* op) {
+  MYVLLM_CHECK(nw.dim() == 1 && nw.size(0) == x.size(1), "%s: norm_weight must be [%lld]", op,
+               static_cast<long long>(x.size(1)));
+  check_operand(nw, x, "norm_weight");
+}
+
+// Checks the contract that kernels/cuda/support.py's gemv_fits() tests before calling.
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, bool silu) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "gemv: x must be a 2-D CUDA tensor");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "gemv: weight must be [N, ",
-              x.size(1), "], got ", weight.sizes());
-  TORCH_CHECK(weight.is_contiguous(), "gemv: weight must be contiguous");
+  MYVLLM_CHECK(x.is_cuda() && x.dim() == 2, "gemv: x must be a 2-D CUDA tensor");
+  MYVLLM_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "gemv: weight must be [N, %lld], got %s",
+               static_cast<long long>(x.size(1)), ShapeText(weight.sizes()).text);
+  MYVLLM_CHECK(weight.is_contiguous(), "gemv: weight must be contiguous");
   check_operand(x, x, "x");
   check_operand(weight, x, "weight");
   const int64_t rows = x.size(0), k = x.size(1);
   const int64_t vec = 16 / x.element_size(), max_rows = kMaxRows, max_smem = kMaxSmem;
-  TORCH_CHECK(rows >= 1 && rows <= max_rows, "gemv: x must have 1..", max_rows, " rows, got ",
-              rows);
-  TORCH_CHECK(k % vec == 0 && x.stride(0) % vec == 0, "gemv: K and x's row stride must be ",
-              "multiples of ", vec);
-  TORCH_CHECK(rows * k * x.element_size() <= max_smem, "gemv: ", rows, " rows of ",
-              k, " elements exceed the ", max_smem, "-byte staging buffer");
-  TORCH_CHECK(weight.size(0) >= (silu ? 2 : 1) && (!silu || weight.size(0) % 2 == 0),
-              "gemv: weight needs ", silu ? "an even number of rows (gate, up)" : "rows", ", got ",
-              weight.size(0));
-  TORCH_CHECK(weight.size(0) <= INT32_MAX, "gemv: too many weight rows");
+  MYVLLM_CHECK(rows >= 1 && rows <= max_rows, "gemv: x must have 1..%lld rows, got %lld",
+               static_cast<long long>(max_rows), static_cast<long long>(rows));
+  MYVLLM_CHECK(k % vec == 0 && x.stride(0) % vec == 0, "gemv: K and x's row stride must be multiples of %lld",
+               static_cast<long long>(vec));
+  MYVLLM_CHECK(rows * k * x.element_size() <= max_smem,
+               "gemv: %lld rows of %lld elements exceed the %lld-byte staging buffer",
+               static_cast<long long>(rows), static_cast<long long>(k), static_cast<long long>(max_smem));
+  MYVLLM_CHECK(weight.size(0) >= (silu ? 2 : 1) && (!silu || weight.size(0) % 2 == 0),
+               "gemv: weight needs %s, got %lld", silu ? "an even number of rows (gate, up)" : "rows",
+               static_cast<long long>(weight.size(0)));
+  MYVLLM_CHECK(weight.size(0) <= INT32_MAX, "gemv: too many weight rows");
 }
 
 template <int PRO, bool SILU>
@@ -291,14 +299,12 @@ void dispatch(at::Tensor& out, at::Tensor* res_out, const at::Tensor& x,
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight,
                 const std::optional<at::Tensor>& norm_weight, double eps, bool silu) {
   check_inputs(x, weight, silu);
+  if (norm_weight.has_value()) check_norm_weight(*norm_weight, x, "gemv");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n_out = silu ? weight.size(0) / 2 : weight.size(0);
   at::Tensor out = at::empty({x.size(0), n_out}, x.options());
   if (norm_weight.has_value()) {
-    const at::Tensor nw = norm_weight->contiguous();
-    TORCH_CHECK(nw.dim() == 1 && nw.size(0) == x.size(1), "gemv: norm_weight must be [",
-                x.size(1), "]");
-    check_operand(nw, x, "norm_weight");
+    const at::Tensor& nw = *norm_weight;
     if (silu) dispatch<kNorm, true>(out, nullptr, x, nullptr, weight, &nw, eps);
     else dispatch<kNorm, false>(out, nullptr, x, nullptr, weight, &nw, eps);
   } else {
@@ -313,15 +319,13 @@ std::tuple<at::Tensor, at::Tensor> add_norm_gemv(const at::Tensor& x, const at::
                                                  const at::Tensor& norm_weight, double eps,
                                                  bool silu) {
   check_inputs(x, weight, silu);
-  TORCH_CHECK(residual.sizes() == x.sizes(), "add_norm_gemv: residual shape ", residual.sizes(),
-              " differs from x shape ", x.sizes());
+  MYVLLM_CHECK(residual.sizes() == x.sizes(), "add_norm_gemv: residual shape %s differs from x shape %s",
+               ShapeText(residual.sizes()).text, ShapeText(x.sizes()).text);
   check_operand(residual, x, "residual");
-  TORCH_CHECK(residual.stride(0) % (16 / x.element_size()) == 0,
-              "add_norm_gemv: residual's row stride must be a multiple of 16 bytes");
-  const at::Tensor nw = norm_weight.contiguous();
-  TORCH_CHECK(nw.dim() == 1 && nw.size(0) == x.size(1), "add_norm_gemv: norm_weight must be [",
-              x.size(1), "]");
-  check_operand(nw, x, "norm_weight");
+  MYVLLM_CHECK(residual.stride(0) % (16 / x.element_size()) == 0,
+               "add_norm_gemv: residual's row stride must be a multiple of 16 bytes");
+  check_norm_weight(norm_weight, x, "add_norm_gemv");
+  const at::Tensor& nw = norm_weight;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n_out = silu ? weight.size(0) / 2 : weight.size(0);
   at::Tensor out = at::empty({x.size(0), n_out}, x.options());

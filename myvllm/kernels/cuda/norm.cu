@@ -109,7 +109,7 @@ void launch_vec(T* out, T* res_out, const T* x, const T* res, const T* w, int64_
   // 1024-thread blocks leave 64 registers per thread: rows of up to 16384 elements (all of
   // Qwen3) cache without spilling, longer ones up to 32768 (8192 when unaligned) spill a little.
   constexpr int kMaxItems = VEC <= 4 ? 8 : 4;
-  TORCH_CHECK(items <= kMaxItems, "rms_norm: rows of ", n, " elements are too long");
+  MYVLLM_CHECK(items <= kMaxItems, "rms_norm: rows of %d elements are too long", n);
   const dim3 grid(static_cast<unsigned>(rows));
   auto run = [&](auto items_c) {
     launch_pdl(rms_norm_kernel<T, VEC, decltype(items_c)::value, ADD>, grid, dim3(threads), 0,
@@ -143,13 +143,14 @@ at::Tensor as_rows(const at::Tensor& t, int64_t n) {
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.is_cuda(), "rms_norm: x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() >= 1, "rms_norm: x must have at least one dim");
-  TORCH_CHECK(weight.device() == x.device(), "rms_norm: weight must be on x's device");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: weight dtype ",
-              weight.scalar_type(), " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm: weight must be [",
-              x.size(-1), "]");
+  MYVLLM_CHECK(x.is_cuda(), "rms_norm: x must be a CUDA tensor");
+  MYVLLM_CHECK(x.dim() >= 1, "rms_norm: x must have at least one dim");
+  MYVLLM_CHECK(weight.device() == x.device(), "rms_norm: weight must be on x's device");
+  MYVLLM_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: weight dtype %s differs from x dtype %s",
+               dtype_name(weight.scalar_type()), dtype_name(x.scalar_type()));
+  MYVLLM_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm: weight must be [%lld]",
+               static_cast<long long>(x.size(-1)));
+  MYVLLM_CHECK(x.size(-1) <= INT32_MAX, "rms_norm: last dim too large");
 }
 
 }  // namespace
@@ -160,7 +161,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor out = at::empty(x.sizes(), x.options());
   const int64_t n = x.size(-1);
   if (out.numel() == 0) return out;
-  TORCH_CHECK(n <= INT32_MAX, "rms_norm: last dim too large");
   const at::Tensor xr = as_rows(x, n);
   const at::Tensor w = weight.contiguous();
   MYVLLM_DISPATCH_FLOATS(x.scalar_type(), "rms_norm", [&] {
@@ -175,16 +175,15 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
                                                       const at::Tensor& residual,
                                                       const at::Tensor& weight, double eps) {
   check_inputs(x, weight);
-  TORCH_CHECK(residual.sizes() == x.sizes(), "fused_add_rms_norm: residual shape ",
-              residual.sizes(), " differs from x shape ", x.sizes());
-  TORCH_CHECK(residual.device() == x.device() && residual.scalar_type() == x.scalar_type(),
+  MYVLLM_CHECK(residual.sizes() == x.sizes(), "fused_add_rms_norm: residual shape %s differs from x shape %s",
+               ShapeText(residual.sizes()).text, ShapeText(x.sizes()).text);
+  MYVLLM_CHECK(residual.device() == x.device() && residual.scalar_type() == x.scalar_type(),
               "fused_add_rms_norm: residual must match x's device and dtype");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
   at::Tensor res_out = at::empty(x.sizes(), x.options());
   const int64_t n = x.size(-1);
   if (out.numel() == 0) return {out, res_out};
-  TORCH_CHECK(n <= INT32_MAX, "fused_add_rms_norm: last dim too large");
   const at::Tensor xr = as_rows(x, n);
   const at::Tensor rr = as_rows(residual, n);
   const at::Tensor w = weight.contiguous();

@@ -146,37 +146,37 @@ void launch(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at:
     case 64: run(std::integral_constant<int, 64>{}); break;
     case 128: run(std::integral_constant<int, 128>{}); break;
     case 256: run(std::integral_constant<int, 256>{}); break;
-    default: TORCH_CHECK(false, "qk_norm_rope: unsupported head_dim ", q.size(2));
+    default: MYVLLM_CHECK(false, "qk_norm_rope: unsupported head_dim %lld", static_cast<long long>(q.size(2)));
   }
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight,
                   const at::Tensor& k_weight, const at::Tensor& positions,
                   const at::Tensor& cos_sin_cache) {
-  TORCH_CHECK(q.is_cuda(), "qk_norm_rope: q must be a CUDA tensor");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "qk_norm_rope: q and k must be [T, heads, D]");
+  MYVLLM_CHECK(q.is_cuda(), "qk_norm_rope: q must be a CUDA tensor");
+  MYVLLM_CHECK(q.dim() == 3 && k.dim() == 3, "qk_norm_rope: q and k must be [T, heads, D]");
   const int64_t T = q.size(0), D = q.size(2);
-  TORCH_CHECK(k.size(0) == T && k.size(2) == D, "qk_norm_rope: k shape ", k.sizes(),
-              " does not match q shape ", q.sizes());
-  TORCH_CHECK(D == 64 || D == 128 || D == 256, "qk_norm_rope: head_dim ", D,
-              " not in {64, 128, 256}");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1,
+  MYVLLM_CHECK(k.size(0) == T && k.size(2) == D, "qk_norm_rope: k shape %s does not match q shape %s",
+               ShapeText(k.sizes()).text, ShapeText(q.sizes()).text);
+  MYVLLM_CHECK(D == 64 || D == 128 || D == 256, "qk_norm_rope: head_dim %lld not in {64, 128, 256}",
+               static_cast<long long>(D));
+  MYVLLM_CHECK(q.stride(2) == 1 && k.stride(2) == 1,
               "qk_norm_rope: q and k need unit stride on the head dim");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && q_weight.scalar_type() == q.scalar_type() &&
+  MYVLLM_CHECK(k.scalar_type() == q.scalar_type() && q_weight.scalar_type() == q.scalar_type() &&
                   k_weight.scalar_type() == q.scalar_type(),
               "qk_norm_rope: q, k, q_weight and k_weight must share one dtype");
-  TORCH_CHECK(q_weight.numel() == D && k_weight.numel() == D,
+  MYVLLM_CHECK(q_weight.numel() == D && k_weight.numel() == D,
               "qk_norm_rope: q_weight and k_weight must have head_dim elements");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
+  MYVLLM_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
                   positions.size(0) == T,
               "qk_norm_rope: positions must be int64 [T]");
-  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == D,
+  MYVLLM_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == D,
               "qk_norm_rope: cos_sin_cache must be [max_position, head_dim]");
-  TORCH_CHECK(cos_sin_cache.scalar_type() == q.scalar_type() ||
+  MYVLLM_CHECK(cos_sin_cache.scalar_type() == q.scalar_type() ||
                   cos_sin_cache.scalar_type() == at::kFloat,
               "qk_norm_rope: cos_sin_cache must be float32 or q's dtype");
   for (const at::Tensor* t : {&k, &q_weight, &k_weight, &positions, &cos_sin_cache})
-    TORCH_CHECK(t->device() == q.device(), "qk_norm_rope: all tensors must be on q's device");
+    MYVLLM_CHECK(t->device() == q.device(), "qk_norm_rope: all tensors must be on q's device");
 }
 
 // v, k_cache, v_cache, slot_mapping: all defined (store) or none.
@@ -232,21 +232,21 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_store(
     const at::Tensor& cos_sin_cache, at::Tensor& k_cache, at::Tensor& v_cache,
     const at::Tensor& slot_mapping) {
   check_inputs(q, k, q_weight, k_weight, positions, cos_sin_cache);
-  TORCH_CHECK(v.sizes() == k.sizes() && v.stride(2) == 1 && v.scalar_type() == q.scalar_type(),
+  MYVLLM_CHECK(v.sizes() == k.sizes() && v.stride(2) == 1 && v.scalar_type() == q.scalar_type(),
               "qk_norm_rope_store: v must match k's shape and dtype, with unit stride on D");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+  MYVLLM_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
-              "qk_norm_rope_store: caches must be [num_blocks, block_size, Hkv, D], got ",
-              k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              "qk_norm_rope_store: caches must be [num_blocks, block_size, Hkv, D], got %s and %s",
+              ShapeText(k_cache.sizes()).text, ShapeText(v_cache.sizes()).text);
+  MYVLLM_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.scalar_type() == q.scalar_type() &&
                   v_cache.scalar_type() == q.scalar_type(),
               "qk_norm_rope_store: caches must be contiguous, in q's dtype");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+  MYVLLM_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == q.size(0),
               "qk_norm_rope_store: slot_mapping must be int64 [T]");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&v, &k_cache, &v_cache, &slot_mapping})
-    TORCH_CHECK(t->device() == q.device(), "qk_norm_rope_store: all tensors must be on q's device");
+    MYVLLM_CHECK(t->device() == q.device(), "qk_norm_rope_store: all tensors must be on q's device");
   // Slots must lie in [-1, num_blocks * block_size); they are not bounds-checked on the device.
   return dispatch(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, &v, &k_cache, &v_cache,
              &slot_mapping);
