@@ -128,6 +128,9 @@ class EngineConfig:
     use_cuda_kernels: bool = True
     revision: str | None = None
     download_dir: str | None = None
+    # Default sampling parameters: "auto" reads the model's generation_config.json, "vllm" keeps
+    # the neutral SamplingParams defaults, any other value is a folder holding generation_config.json.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
@@ -167,6 +170,7 @@ class EngineConfig:
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("max_logprobs", self.max_logprobs, 0)
         _check_int("max_n", self.max_n, 1)
+        self._check_generation_config()
         device = resolve_device(self.device)
         object.__setattr__(self, "device", str(device))
         tp = self.tensor_parallel_size
@@ -175,6 +179,18 @@ class EngineConfig:
                 f"tensor_parallel_size={tp} needs GPUs cuda:{device.index}..cuda:{device.index + tp - 1} "
                 f"(one per rank), but only {torch.cuda.device_count()} are visible"
             )
+
+    def _check_generation_config(self) -> None:
+        """'auto', 'vllm' or a folder path (a PathLike becomes its str); the folder is read at engine start."""
+        value = self.generation_config
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise TypeError(f"generation_config must be 'auto', 'vllm' or a folder path, got "
+                            f"{type(value).__name__} {value!r}")
+        if not value:
+            raise ValueError("generation_config='' is not supported: choose 'auto', 'vllm' or a folder path")
+        object.__setattr__(self, "generation_config", value)
 
     def rank_device(self, rank: int) -> torch.device:
         """The device of tensor-parallel rank `rank`: the configured GPU offset by the rank (CPU for all)."""

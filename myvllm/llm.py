@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from myvllm.config import EngineConfig
 from myvllm.outputs import RequestOutput
 from myvllm.runtime.engine import LLMEngine, PromptType
+from myvllm.runtime.generation_defaults import default_sampling_params
 from myvllm.sampling_params import SamplingParams
 
 
@@ -34,6 +35,12 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """A new SamplingParams with the model's generation_config.json defaults (per the
+        `generation_config` engine argument) over the neutral ones; generate and chat use it
+        when sampling_params is None."""
+        return default_sampling_params(self.engine.default_sampling)
+
     def shutdown(self) -> None:
         """Stop the engine: its tensor-parallel worker processes, if any, and its device memory
         (also done when the LLM is garbage-collected, and at exit). Idempotent; the LLM cannot
@@ -51,10 +58,10 @@ class LLM:
             f"prompts must be a str, a list of str, a list of token-id lists or dicts; got {type(prompts).__name__}"
         )
 
-    @staticmethod
-    def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt; None means the defaults, a given one is used as is."""
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
         if isinstance(sampling_params, (list, tuple)):
@@ -71,7 +78,8 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; results come back in prompt order.
+        """Generate for every prompt; results come back in prompt order. sampling_params=None
+        uses get_default_sampling_params().
 
         A bad prompt or parameter raises before any request is queued, so the engine
         is left as it was.

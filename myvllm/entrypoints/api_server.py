@@ -13,6 +13,10 @@ Every error is {"error": {"message", "type", "param", "code"}}: 400 for a bad re
 (the field in `param`), 401 for a missing or wrong API key, 404 for an unknown model or
 route, 413 for a body over the size limit, 503 when the waiting queue is full.
 A streamed request is aborted (its KV blocks freed) as soon as its client goes away.
+
+Sampling fields the client leaves out (or sends as null) take the defaults of the model's
+generation_config.json (the engine's `generation_config` argument), as in vLLM; max_new_tokens
+there is the max_tokens of requests that send none. Values the client sends win.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from myvllm.entrypoints.openai_protocol import (
 )
 from myvllm.outputs import RequestOutput
 from myvllm.runtime.engine import LLMEngine
+from myvllm.runtime.generation_defaults import apply_defaults
 from myvllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED = 499  # logged for a request whose client left before the answer
 _STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
                  413: "invalid_request_error", 503: "overloaded_error"}
+# The request fields that give a SamplingParams field a value (chat has two for max_tokens);
+# a field not listed is given by the request field of its own name.
+_REQUEST_FIELDS = {"max_tokens": ("max_tokens", "max_completion_tokens")}
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
@@ -153,6 +161,13 @@ class _Server:
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
         self.created = now()
+        # The generation-config defaults, fixed when the engine was made (safe to read from the loop).
+        self.default_sampling = dict(engine.engine.default_sampling)
+
+    def _params(self, req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        """The request's SamplingParams, with the generation-config defaults for the fields the
+        client left out (or sent as null); values the client sent win."""
+        return with_request_defaults(req, sampling_params(req, self.engine.vocab_size), self.default_sampling)
 
     async def models(self) -> JSONResponse:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "myvllm",
@@ -168,7 +183,7 @@ class _Server:
         req: CompletionRequest = parse_request(CompletionRequest, await read_json(request, self.max_body_bytes))
         self._check_model(req.model)
         req.check_unsupported()
-        params = sampling_params(req, self.engine.vocab_size)
+        params = self._params(req)
         prompts = req.prompts()
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._add(prompts, params, rid, "prompt", False, req.stream)
@@ -223,7 +238,7 @@ class _Server:
                                                    await read_json(request, self.max_body_bytes))
         self._check_model(req.model)
         req.check_unsupported()
-        params = sampling_params(req, self.engine.vocab_size)
+        params = self._params(req)
         messages = req.template_messages()
         kwargs = dict(req.chat_template_kwargs or {})
         prompt = await self._engine_call(self.engine.call(
@@ -309,6 +324,23 @@ class _Server:
                 raise bad_request(where + str(e), request_field(str(e), is_chat, field)) from None
             raise
         return streams
+
+
+def client_sent(req: CompletionRequest | ChatCompletionRequest, name: str) -> bool:
+    """Whether the client gave SamplingParams field `name` a value (a null counts as none)."""
+    return any(f in req.model_fields_set and getattr(req, f, None) is not None
+               for f in _REQUEST_FIELDS.get(name, (name,)))
+
+
+def with_request_defaults(req: CompletionRequest | ChatCompletionRequest, params: SamplingParams,
+                          defaults: dict[str, Any]) -> SamplingParams:
+    """params with defaults[name] for every field the client did not send; a combination that
+    SamplingParams refuses (min_tokens over the default max_tokens) is a 400 naming the field."""
+    unset = {name for name in defaults if not client_sent(req, name)}
+    try:
+        return apply_defaults(params, defaults, unset)
+    except (ValueError, TypeError) as e:
+        raise bad_request(str(e), request_field(str(e), isinstance(req, ChatCompletionRequest))) from None
 
 
 def _as_engine_prompt(prompt: str | list[int]) -> str | dict:

@@ -30,6 +30,7 @@ from myvllm.models.resolve import load_generation_eos, load_tokenizer, resolve_m
 from myvllm.outputs import CompletionOutput, RequestOutput
 from myvllm.runtime.block_manager import BlockManager
 from myvllm.runtime.detokenizer import decode_new_text
+from myvllm.runtime.generation_defaults import load_generation_defaults, log_generation_defaults
 from myvllm.runtime.input_processor import InputProcessor, ProcessedRequest, PromptType
 from myvllm.runtime.model_runner import LaunchedBatch, ModelRunner
 from myvllm.runtime.scheduler import Scheduler
@@ -61,6 +62,9 @@ class LLMEngine:
         self.config = config
         resolved = resolve_model(config)
         self.model_config: ModelConfig = resolved.model_config
+        # SamplingParams field -> default, from generation_config.json (used where the caller gives no value)
+        self.default_sampling = load_generation_defaults(config, resolved.path)
+        log_generation_defaults(config, self.default_sampling)
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         if self.max_model_len < config.max_model_len:
             logger.info("max_model_len lowered to the model's max_position_embeddings=%d", self.max_model_len)
