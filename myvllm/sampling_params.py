@@ -20,7 +20,7 @@ MAX_INT64 = (1 << 63) - 1
 # vLLM SamplingParams arguments this engine does not implement yet; a field added to
 # SamplingParams is accepted whether or not its name is listed here.
 UNSUPPORTED_VLLM_FIELDS = frozenset({
-    "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "bad_words", "prompt_logprobs",
+    "best_of", "bad_words", "prompt_logprobs",
     "detokenize", "spaces_between_special_tokens", "logits_processors", "truncate_prompt_tokens", "output_kind",
     "guided_decoding", "structured_outputs", "logit_bias", "allowed_token_ids", "extra_args", "use_beam_search",
     "length_penalty", "early_stopping",
@@ -92,10 +92,15 @@ class SamplingParams:
     """How to sample one request.
 
     top_k: -1 or 0 disables, else >= 1. top_p in (0, 1]. min_p in [0, 1].
-    temperature 0 means greedy. `stop` strings are matched on the detokenized output
-    and excluded from the returned text; `stop_token_ids` and the model's EOS (unless
-    `ignore_eos`) end generation too. `logprobs=k` returns the top-k log-probabilities
-    (of the raw model distribution) per generated token, plus the sampled token's.
+    temperature 0 means greedy. Penalties (vLLM's and OpenAI's definitions), applied to the
+    logits before everything else: repetition_penalty > 0 divides the positive logits (and
+    multiplies the negative ones) of tokens seen in the prompt or the output, 1 disables;
+    frequency_penalty in [-2, 2] subtracts itself times a token's count in the output,
+    presence_penalty in [-2, 2] itself once for every token the output holds. `stop` strings
+    are matched on the detokenized output and excluded from the returned text;
+    `stop_token_ids` and the model's EOS (unless `ignore_eos`) end generation too.
+    `logprobs=k` returns the top-k log-probabilities (of the raw model distribution) per
+    generated token, plus the sampled token's.
     """
 
     n: int = 1
@@ -103,6 +108,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     max_tokens: int | None = 16
     min_tokens: int = 0
@@ -129,6 +137,10 @@ class SamplingParams:
         _check_number("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
         _check_int("top_k", self.top_k, -1, MAX_INT64, allowed="-1 or 0 (disabled), else in [1, 2**63 - 1]")
         _check_number("min_p", self.min_p, lambda m: 0 <= m <= 1, "in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_number(name, getattr(self, name), lambda v: -2 <= v <= 2, "in [-2, 2]")
+        _check_number("repetition_penalty", self.repetition_penalty, lambda r: math.isfinite(r) and r > 0,
+                      "a finite number > 0")
         _check_int("seed", self.seed, 0, MAX_INT64, optional=True, allowed="None or an int in [0, 2**63 - 1]")
 
     def _check_lengths(self) -> None:
@@ -166,3 +178,7 @@ class SamplingParams:
     @property
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

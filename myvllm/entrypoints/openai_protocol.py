@@ -66,6 +66,7 @@ class _SamplingFields(_Strict):
     # extensions
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
@@ -73,9 +74,6 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
 
     def check_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise bad_request(f"{name} is not supported: leave it out or set it to 0", name, "unsupported")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias", "unsupported")
         if self.stream_options is not None and not self.stream:
@@ -228,7 +226,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, vocab_size: 
         ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
     )
-    for name in ("temperature", "top_p", "top_k", "min_p"):
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"):
         if getattr(req, name) is not None:
             kwargs[name] = getattr(req, name)
     try:

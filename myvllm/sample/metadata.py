@@ -10,7 +10,9 @@ Two sampling paths read it (see sample/sampler.py):
   - masked (otherwise): temperature, masks, and an exponential race whose draws come from
     the engine generator, or a seeded sequence's own generator.
 Either way a seeded sequence's tokens depend only on its seed and its token index, never
-on the rest of the batch.
+on the rest of the batch. Penalties, when a row asks for them, read each row's output-token
+counts [N, V] on the device; the sampler adds every pass's token to them, so the passes of
+one decode batch see each other's tokens without a host sync.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ class SamplingMetadata:
     # Fused path: temperatures with 0 on greedy rows, and per-pass per-row Philox seeds.
     fused_temperatures: torch.Tensor | None = None  # [N] float32
     fused_seeds: torch.Tensor | None = None  # [num_passes, N] int64
+    # Penalties (all set, or all None when no row asks for one); neutral values on other rows.
+    output_counts: torch.Tensor | None = None  # [N, V] float32: each row's output tokens, counted
+    prompt_mask: torch.Tensor | None = None  # [N, V] bool: each row's prompt tokens (repetition only)
+    presence_penalties: torch.Tensor | None = None  # [N] float32
+    frequency_penalties: torch.Tensor | None = None  # [N] float32
+    repetition_penalties: torch.Tensor | None = None  # [N] float32
 
 
 class SamplingMetadataBuilder:
@@ -67,9 +75,13 @@ class SamplingMetadataBuilder:
         params = [s.params for s in seqs]
         greedy = np.fromiter((p.is_greedy for p in params), dtype=bool, count=len(params))
         meta = SamplingMetadata(all_greedy=bool(greedy.all()), generator=self.generator)
+        penalties = any(p.has_penalties for p in params)
+        if penalties:
+            self._add_penalties(meta, seqs)
         if not meta.all_greedy:
             temps = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
-            masked = any(p.top_k_enabled or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+            # penalised logits are float32 copies: they take the torch path
+            masked = penalties or any(p.top_k_enabled or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
             if dev.type == "cuda" and not masked:
                 temps[greedy] = 0.0
                 meta.fused_temperatures = host_to_device(temps, dev)
@@ -121,6 +133,34 @@ class SamplingMetadataBuilder:
             meta.min_p = host_to_device(np.array([p.min_p for p in params], dtype=np.float32), dev)
         seeded = [(i, self._generator_for(s)) for i, s in enumerate(seqs) if s.seed is not None and not greedy[i]]
         meta.seeded = seeded or None
+
+    def _add_penalties(self, meta: SamplingMetadata, seqs: list[Sequence]) -> None:
+        """Penalty factors per row, the rows' output-token counts and (for the repetition
+        penalty) their prompt tokens, as [N, V] tables on the device."""
+        dev, params = self.device, [s.params for s in seqs]
+        assert not any(s.num_inflight_tokens for s in seqs), "penalties need every output token on the host"
+
+        def factors(name: str) -> torch.Tensor:
+            return host_to_device(np.array([getattr(p, name) for p in params], dtype=np.float32), dev)
+
+        meta.presence_penalties = factors("presence_penalty")
+        meta.frequency_penalties = factors("frequency_penalty")
+        meta.repetition_penalties = factors("repetition_penalty")
+        meta.output_counts = self._token_table([s.output_token_ids for s in seqs], torch.float32)
+        if any(p.repetition_penalty != 1 for p in params):
+            meta.prompt_mask = self._token_table([s.token_ids[:s.num_prompt_tokens] for s in seqs], torch.bool)
+
+    def _token_table(self, tokens: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        """[N, V] on the device: row i counts (float) or marks (bool) the ids of tokens[i]."""
+        lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+        table = torch.zeros(len(tokens), self.vocab_size, dtype=dtype, device=self.device)
+        if lengths.sum() == 0:
+            return table
+        rows = host_to_device(np.repeat(np.arange(len(tokens), dtype=np.int64), lengths), self.device)
+        ids = host_to_device(np.fromiter((t for row in tokens for t in row), dtype=np.int64,
+                                         count=int(lengths.sum())), self.device)
+        ones = torch.ones(rows.shape[0], dtype=dtype, device=self.device)
+        return table.index_put_((rows, ids), ones, accumulate=dtype != torch.bool)
 
     def _generator_for(self, seq: Sequence) -> torch.Generator:
         gen = self.seq_generators.get(seq.seq_id)

@@ -1,6 +1,7 @@
 """Vectorised sampling over a batch of logits.
 
-Per row, in this order: tokens banned until `min_tokens` is reached get -inf;
+Per row, in this order: penalties (repetition, then frequency and presence, vLLM's order);
+tokens banned until `min_tokens` is reached get -inf;
 greedy rows take the argmax; the others divide by their temperature, keep the
 top_k logits, keep the smallest set of tokens whose probability reaches top_p,
 drop tokens under min_p times the largest probability, and sample. Sampling uses
@@ -50,6 +51,29 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def apply_penalties(logits: torch.Tensor, st: SamplingMetadata) -> torch.Tensor:
+    """A float32 copy of logits [N, V] with the rows' penalties applied: the repetition penalty
+    divides positive logits (multiplies negative ones) of tokens in the prompt or the output,
+    then frequency x count and presence x (count > 0) are subtracted."""
+    logits = logits.to(torch.float32, copy=True)
+    counts = st.output_counts
+    seen = counts > 0
+    if st.prompt_mask is not None:
+        rep = st.repetition_penalties[:, None]
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen | st.prompt_mask, penalised, logits)
+    logits -= st.frequency_penalties[:, None] * counts
+    logits -= st.presence_penalties[:, None] * seen
+    return logits
+
+
+def count_sampled(st: SamplingMetadata, token_ids: torch.Tensor) -> None:
+    """Add each row's sampled token to its output counts (the next pass of the batch reads them)."""
+    rows = torch.arange(token_ids.shape[0], device=token_ids.device)
+    st.output_counts.index_put_((rows, token_ids), torch.ones_like(token_ids, dtype=st.output_counts.dtype),
+                                accumulate=True)
+
+
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Zero probabilities under min_p x the row's largest probability."""
     threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
@@ -63,6 +87,8 @@ class Sampler(nn.Module):
         out = SamplerOutput(token_ids=torch.empty(0))
         if st.num_logprobs is not None:
             raw = torch.log_softmax(logits.float(), dim=-1)
+        if st.output_counts is not None:
+            logits = apply_penalties(logits, st)
         if st.banned_rows is not None:
             neg_inf = torch.full((), float("-inf"), device=logits.device)  # a device fill, no host copy
             logits = logits.index_put((st.banned_rows, st.banned_tokens), neg_inf)
@@ -92,4 +118,6 @@ class Sampler(nn.Module):
             out.ranks = (raw > chosen).sum(dim=-1) + 1
             if st.num_logprobs > 0:
                 out.top_logprobs, out.top_ids = raw.topk(st.num_logprobs, dim=-1)
+        if st.output_counts is not None:
+            count_sampled(st, out.token_ids)
         return out
