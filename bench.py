@@ -69,12 +69,21 @@ def random_ids(length: int, vocab_size: int) -> list[int]:
     return [randint(0, high) for _ in range(length)]
 
 
+# --sampling: the seed workload's temperature alone, Qwen3's recommended sampling (its
+# generation_config.json), and that with penalties.
+SAMPLING = {
+    "temperature": dict(temperature=0.6),
+    "qwen3": dict(temperature=0.6, top_k=20, top_p=0.95),
+    "penalties": dict(temperature=0.6, top_k=20, top_p=0.95, presence_penalty=1.5, repetition_penalty=1.05),
+}
+
+
 def workload(num_seqs: int, max_input_len: int, max_output_len: int, rng_seed: int,
-             vocab_size: int = SEED_MAX_TOKEN_ID + 1):
+             vocab_size: int = SEED_MAX_TOKEN_ID + 1, sampling: str = "temperature", logprobs: int | None = None):
     seed(rng_seed)
     prompts = [random_ids(randint(min(MIN_LEN, max_input_len), max_input_len), vocab_size)
                for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True,
+    params = [SamplingParams(**SAMPLING[sampling], ignore_eos=True, logprobs=logprobs,
                              max_tokens=randint(min(MIN_LEN, max_output_len), max_output_len))
               for _ in range(num_seqs)]
     return prompts, params
@@ -128,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="forward passes a decode-only batch runs per schedule")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="read every decode window back before scheduling the next")
+    parser.add_argument("--sampling", choices=sorted(SAMPLING), default="temperature",
+                        help="temperature: T 0.6; qwen3: T 0.6, top_k 20, top_p 0.95; penalties: qwen3 + presence 1.5 "
+                             "+ repetition 1.05")
+    parser.add_argument("--logprobs", type=int, default=None, help="top-k logprobs per token (default: none)")
     parser.add_argument("--latency", action="store_true", help="also single-stream latency and prefill throughput")
     parser.add_argument("--json", default=None, help="write a JSON record here (default: no record)")
     return parser
@@ -167,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     graph_runner = llm.engine.runner.graph_runner
     vocab_size = llm.engine.model_config.vocab_size
 
-    prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len, args.seed, vocab_size)
+    prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len, args.seed, vocab_size,
+                               args.sampling, args.logprobs)
     # warm-up: short and long prompts, sampled decode
     warm = [random_ids(n, vocab_size) for n in (4, min(300, args.max_input_len), args.max_input_len)]
     llm.generate(warm, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=32), use_tqdm=False)
