@@ -16,6 +16,8 @@ class Logprob:
 
 # Per generated token: token id -> Logprob (the top-k plus the sampled token).
 SampleLogprobs = list[dict[int, Logprob]]
+# Per prompt token: the same for the prompt's own token, None for the first (nothing predicts it).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -40,4 +42,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
-    prompt_logprobs: None = None
+    prompt_logprobs: PromptLogprobs | None = None  # when the request asks for prompt_logprobs

@@ -20,7 +20,7 @@ MAX_INT64 = (1 << 63) - 1
 # vLLM SamplingParams arguments this engine does not implement yet; a field added to
 # SamplingParams is accepted whether or not its name is listed here.
 UNSUPPORTED_VLLM_FIELDS = frozenset({
-    "best_of", "bad_words", "prompt_logprobs",
+    "best_of", "bad_words",
     "detokenize", "spaces_between_special_tokens", "logits_processors", "truncate_prompt_tokens", "output_kind",
     "guided_decoding", "structured_outputs", "logit_bias", "allowed_token_ids", "extra_args", "use_beam_search",
     "length_penalty", "early_stopping",
@@ -100,7 +100,8 @@ class SamplingParams:
     are matched on the detokenized output and excluded from the returned text;
     `stop_token_ids` and the model's EOS (unless `ignore_eos`) end generation too.
     `logprobs=k` returns the top-k log-probabilities (of the raw model distribution) per
-    generated token, plus the sampled token's.
+    generated token, plus the sampled token's; `prompt_logprobs=k` the same for every prompt
+    token after the first (such a prompt is always computed: it takes no prefix-cache hits).
     """
 
     n: int = 1
@@ -118,6 +119,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
@@ -127,6 +129,7 @@ class SamplingParams:
         self._check_lengths()
         self._check_stops()
         _check_int("logprobs", self.logprobs, 0, optional=True)
+        _check_int("prompt_logprobs", self.prompt_logprobs, 0, optional=True)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             _check_bool(name, getattr(self, name))
 

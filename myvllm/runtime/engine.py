@@ -92,7 +92,7 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len,
                                         self.runner.num_blocks, config.kvcache_block_size, config.max_logprobs,
-                                        config.max_n)
+                                        config.max_n, config.tensor_parallel_size)
         stop_checker = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
         # Batches run ahead of the one in flight only without tensor parallelism, where the other
         # ranks would need the tokens in flight too.
@@ -245,6 +245,7 @@ class LLMEngine:
             outputs=completions,
             finished=state.finished,
             num_cached_tokens=max(s.num_cached_prompt_tokens for s in state.seqs),
+            prompt_logprobs=state.seqs[0].prompt_logprobs,
         )
 
     def get_stats(self) -> dict[str, int]:

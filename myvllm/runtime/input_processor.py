@@ -29,7 +29,7 @@ class ProcessedRequest:
 
 class InputProcessor:
     def __init__(self, tokenizer, model_config: ModelConfig, max_model_len: int, max_prompt_blocks: int,
-                 block_size: int, max_logprobs: int, max_n: int) -> None:
+                 block_size: int, max_logprobs: int, max_n: int, tensor_parallel_size: int = 1) -> None:
         """max_prompt_blocks: KV blocks of the whole cache (a prompt needing more can never run)."""
         self.tokenizer = tokenizer
         self.vocab_size = model_config.vocab_size
@@ -38,6 +38,7 @@ class InputProcessor:
         self.block_size = block_size
         self.max_logprobs = max_logprobs
         self.max_n = max_n
+        self.tensor_parallel_size = tensor_parallel_size
         self._told_length_cap = False
 
     def process(self, prompt: PromptType | ProcessedRequest, params: SamplingParams | None) -> ProcessedRequest:
@@ -115,9 +116,13 @@ class InputProcessor:
         if params.n > self.max_n:
             raise ValueError(f"n={params.n} is out of range: must be <= max_n={self.max_n} "
                              f"(an engine argument)")
-        if params.logprobs is not None and params.logprobs > min(self.max_logprobs, vocab):
-            raise ValueError(f"logprobs={params.logprobs} is out of range: must be <= max_logprobs="
-                             f"{self.max_logprobs} and <= the vocabulary size {vocab}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > min(self.max_logprobs, vocab):
+                raise ValueError(f"{name}={k} is out of range: must be <= max_logprobs={self.max_logprobs} "
+                                 f"and <= the vocabulary size {vocab}")
+        if params.prompt_logprobs is not None and self.tensor_parallel_size > 1:
+            raise ValueError("prompt_logprobs is not supported with tensor_parallel_size > 1 yet")
         if params.stop_list and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, but skip_tokenizer_init=True: use stop_token_ids")
         if any(t >= vocab for t in params.stop_token_ids or ()):  # with min_tokens they index the logits

@@ -35,12 +35,15 @@ from myvllm.models.qwen3_opt import Qwen3ForCausalLM
 from myvllm.runtime import kv_cache
 from myvllm.runtime.host_copy import HostCopy, host_to_device
 from myvllm.runtime.scheduler import ScheduledBatch
-from myvllm.runtime.step_inputs import StepInputs, build_step_inputs, multi_pass_arrays
+from myvllm.runtime.step_inputs import PromptLogprobRows, StepInputs, build_step_inputs, multi_pass_arrays
 from myvllm.sample.metadata import SamplingMetadata, SamplingMetadataBuilder
-from myvllm.sample.output import PassOutput, pass_output
-from myvllm.sample.sampler import Sampler, SamplerOutput
+from myvllm.sample.output import PassOutput, pass_output, prompt_entries
+from myvllm.sample.sampler import Sampler, SamplerOutput, add_token_logprobs
 
 logger = logging.getLogger(__name__)
+
+# Prompt logprobs are computed over at most this many rows at a time ([rows, vocab] float32 each).
+PROMPT_LOGPROB_ROWS = 1024
 
 
 @dataclass
@@ -52,6 +55,8 @@ class LaunchedBatch:
     tokens: torch.Tensor | None  # [num_passes, N] on the device: the token each pass sampled per row
     host_tokens: HostCopy | None  # of tokens
     host_outs: list[HostCopy] | None  # of every pass's SamplerOutput, when a row asks for logprobs
+    host_prompt: HostCopy | None = None  # of the prompt tokens' logprobs (a SamplerOutput), if asked for
+    prompt_rows: PromptLogprobRows | None = None  # which rows those are
 
 
 @contextlib.contextmanager
@@ -221,8 +226,8 @@ class ModelRunner:
         sample_rows = inputs.sample_rows
         seqs = [batch.seqs[i] for i in sample_rows]
         if not seqs:  # prefill chunks that sample nothing
-            self._run_passes(inputs, batch.num_passes, kept, lambda k, logits: None, first_ids)
-            return LaunchedBatch(batch, sample_rows, None, None, None)
+            prompt = self._run_passes(inputs, batch.num_passes, kept, lambda k, logits: None, first_ids)
+            return LaunchedBatch(batch, sample_rows, None, None, None, prompt, inputs.prompt_logprobs)
         meta = self.sampling.build(seqs, batch.num_passes)
         outs: list[SamplerOutput] = []
 
@@ -230,13 +235,22 @@ class ModelRunner:
             outs.append(self.sampler(logits, meta, k))
             return outs[-1].token_ids
 
-        self._run_passes(inputs, batch.num_passes, kept, sample, first_ids)
+        prompt = self._run_passes(inputs, batch.num_passes, kept, sample, first_ids)
         tokens = torch.stack([o.token_ids for o in outs])
         host_outs = [HostCopy(o) for o in outs] if meta.num_logprobs is not None else None
-        return LaunchedBatch(batch, sample_rows, tokens, HostCopy(tokens), host_outs)
+        return LaunchedBatch(batch, sample_rows, tokens, HostCopy(tokens), host_outs, prompt, inputs.prompt_logprobs)
 
     def collect(self, launched: LaunchedBatch) -> list[PassOutput]:
-        """The sampled tokens of a launched batch, one PassOutput per pass (waits for them)."""
+        """The sampled tokens of a launched batch, one PassOutput per pass (waits for them); the
+        first also carries the prompt logprobs the batch computed."""
+        outputs = self._collect_passes(launched)
+        if launched.host_prompt is not None:
+            prompt = launched.prompt_rows
+            params = [launched.batch.seqs[i].params for i in prompt.owners]
+            outputs[0].prompt_logprobs = prompt_entries(launched.host_prompt.result(), params, prompt.owners)
+        return outputs
+
+    def _collect_passes(self, launched: LaunchedBatch) -> list[PassOutput]:
         self._await_workers()
         batch = launched.batch
         rows = launched.sample_rows
@@ -287,11 +301,17 @@ class ModelRunner:
         return host_to_device(np.asarray(rows, dtype=np.int64), self.device), in_flight.tokens.view(-1)[index]
 
     def _run_passes(self, inputs: StepInputs, num_passes: int, passes_kept: np.ndarray, sample,
-                    first_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                    first_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> HostCopy | None:
         """The forward passes of a batch. sample(k, logits) gives pass k's tokens [B], the input
         ids of pass k+1; under tensor parallelism rank 0's are broadcast to the other ranks (a
         device collective: the host does not wait for it). first_ids (rows, ids) overrides
-        input ids of the first pass with values on the device."""
+        input ids of the first pass with values on the device. Returns the prompt logprobs
+        (on their way to the host) when the inputs ask for some."""
+        if inputs.prompt_logprobs is not None:  # prefill: one eager pass
+            input_ids, positions, meta = inputs.to_device(self.device)
+            logits, prompt = self._forward_with_prompt_logprobs(input_ids, positions, meta, inputs)
+            sample(0, logits)
+            return HostCopy(prompt)
         dev = self.device
         graph = self.graph_runner if self.graph_runner is not None and self.graph_runner.can_run(inputs) else None
         if graph is not None:
@@ -322,6 +342,31 @@ class ModelRunner:
             tokens = sample(k, logits)
             if k + 1 < num_passes:
                 self.tp.broadcast(tokens, src=0)
+        return None
+
+    def _forward_with_prompt_logprobs(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                                      inputs: StepInputs) -> tuple[torch.Tensor, SamplerOutput]:
+        """forward(), plus the logprobs of the prompt tokens inputs.prompt_logprobs names, from the
+        raw logits of the rows before them (in slices of PROMPT_LOGPROB_ROWS rows)."""
+        self.backend.prepare(meta)
+        hidden, residual = self.model(input_ids, positions, meta)
+        logits = self.model.compute_logits(hidden, residual, meta)
+        wanted = inputs.prompt_logprobs
+        rows = host_to_device(wanted.rows, self.device)
+        targets = host_to_device(wanted.targets, self.device)
+        k = wanted.k
+        parts = []
+        for start in range(0, rows.shape[0], PROMPT_LOGPROB_ROWS):
+            r = rows[start:start + PROMPT_LOGPROB_ROWS]
+            raw = torch.log_softmax(self.model.logits(hidden[r], residual[r]).float(), dim=-1)
+            part = SamplerOutput(token_ids=targets[start:start + PROMPT_LOGPROB_ROWS])
+            add_token_logprobs(part, raw, k)
+            parts.append(part)
+        return logits, SamplerOutput(
+            token_ids=targets, logprobs=torch.cat([p.logprobs for p in parts]),
+            ranks=torch.cat([p.ranks for p in parts]),
+            top_logprobs=torch.cat([p.top_logprobs for p in parts]) if k > 0 else None,
+            top_ids=torch.cat([p.top_ids for p in parts]) if k > 0 else None)
 
     def _await_workers(self) -> None:
         """Before a host sync on rank 0: wait for the device while watching the other ranks, so

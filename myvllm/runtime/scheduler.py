@@ -201,7 +201,8 @@ class Scheduler:
         # New admissions only when nothing was preempted: the pool is full otherwise.
         while not preempted and self.waiting and budget > 0 and len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = bm.match_prefix(seq)
+            # a prompt whose logprobs are asked for is computed whole: cached blocks have no logits
+            cached = bm.match_prefix(seq) if seq.params.prompt_logprobs is None else []
             n = min(len(seq) - len(cached) * bm.block_size, budget)
             if not bm.can_admit(seq, cached, n):
                 break
@@ -303,6 +304,8 @@ class Scheduler:
         for i, (seq, kept) in enumerate(zip(batch.seqs, batch.passes_kept)):
             if seq.status is not SequenceStatus.RUNNING:  # finished, aborted or preempted meanwhile
                 continue
+            if outputs[0].prompt_logprobs and i in outputs[0].prompt_logprobs:
+                seq.prompt_logprobs.extend(outputs[0].prompt_logprobs[i])
             if not batch.sampling[i]:  # a prefill chunk before the end of its prompt
                 self.block_manager.cache_full_blocks(seq)
                 continue

@@ -72,6 +72,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        # entry i for prompt token i (None for the first); filled as the prompt is computed
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         self.cumulative_logprob = 0.0
         self.stop_state: StopState | None = None  # set when text is needed while running
         self.min_tokens_banned: list[int] = []  # ids that cannot be sampled before min_tokens

@@ -23,6 +23,35 @@ from myvllm.runtime.scheduler import ScheduledBatch
 
 
 @dataclass
+class PromptLogprobRows:
+    """The token rows of a step whose next token is a prompt token with prompt_logprobs asked for."""
+
+    rows: np.ndarray  # int64 [M]: token rows of the step
+    targets: np.ndarray  # int64 [M]: the prompt token each row predicts
+    owners: list[int]  # [M]: the batch row (sequence) of each
+    k: int  # the most top logprobs a row asks for
+
+
+def prompt_logprob_rows(batch: ScheduledBatch, query_start_loc: np.ndarray) -> PromptLogprobRows | None:
+    """Rows whose logits predict a prompt token not yet given a logprob: position p of a chunk
+    predicts token p + 1, for p + 1 < the prompt length (the last prompt position predicts the
+    first output token, which is sampled)."""
+    rows, targets, owners = [], [], []
+    for i, (s, c, n) in enumerate(zip(batch.seqs, batch.num_computed_tokens, batch.num_new_tokens)):
+        if s.prompt_logprobs is None:
+            continue
+        first, end = max(c, len(s.prompt_logprobs) - 1), min(c + n, s.num_prompt_tokens - 1)
+        for p in range(first, end):
+            rows.append(int(query_start_loc[i]) + p - c)
+            targets.append(s.token_ids[p + 1])
+            owners.append(i)
+    if not rows:
+        return None
+    k = max(batch.seqs[i].params.prompt_logprobs for i in set(owners))
+    return PromptLogprobRows(np.asarray(rows, dtype=np.int64), np.asarray(targets, dtype=np.int64), owners, k)
+
+
+@dataclass
 class StepInputs:
     input_ids: np.ndarray  # int64 [T]
     positions: np.ndarray  # int64 [T]
@@ -35,6 +64,7 @@ class StepInputs:
     max_query_len: int
     max_seq_len: int
     is_decode_only: bool
+    prompt_logprobs: PromptLogprobRows | None = None  # prompt tokens whose logprobs are asked for
 
     @property
     def num_tokens(self) -> int:
@@ -104,6 +134,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
         block_tables=block_tables,
         logits_indices=logits_indices,
         sample_rows=sample_rows.tolist(),
+        prompt_logprobs=None if batch.is_decode_only else prompt_logprob_rows(batch, query_start_loc),
         max_query_len=int(new.max()),
         max_seq_len=int(seq_lens.max()),
         is_decode_only=batch.is_decode_only,

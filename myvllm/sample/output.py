@@ -18,10 +18,14 @@ class PassOutput:
 
     token_ids: list[int | None]
     logprobs: list[TokenLogprobs | None]
+    # batch row -> the logprob entries of the prompt tokens this pass computed for it, in order
+    prompt_logprobs: dict[int, list[dict[int, Logprob]]] | None = None
 
 
-def sampled_entries(out: SamplerOutput, params: list[SamplingParams]) -> tuple[list[int], list]:
-    """(token ids, logprob entries or None) per sampled row of a host SamplerOutput."""
+def sampled_entries(out: SamplerOutput, params: list[SamplingParams],
+                    field: str = "logprobs") -> tuple[list[int], list]:
+    """(token ids, logprob entries or None) per row of a host SamplerOutput; field names the
+    SamplingParams field that gives each row's k (logprobs, or prompt_logprobs)."""
     token_ids = out.token_ids.tolist()
     if out.logprobs is None:
         return token_ids, [None] * len(params)
@@ -30,7 +34,7 @@ def sampled_entries(out: SamplerOutput, params: list[SamplingParams]) -> tuple[l
     top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in params]
     entries: list[TokenLogprobs | None] = []
     for i, p in enumerate(params):
-        k = p.logprobs
+        k = getattr(p, field)
         if k is None:
             entries.append(None)
             continue
@@ -38,6 +42,16 @@ def sampled_entries(out: SamplerOutput, params: list[SamplingParams]) -> tuple[l
         d.setdefault(token_ids[i], Logprob(chosen[i], ranks[i]))
         entries.append((chosen[i], d))
     return token_ids, entries
+
+
+def prompt_entries(out: SamplerOutput, params: list[SamplingParams], owners: list[int]) -> dict[int, list]:
+    """batch row -> its prompt tokens' logprob entries, from a host SamplerOutput over the rows
+    (owners: the batch row of each)."""
+    _, entries = sampled_entries(out, params, "prompt_logprobs")
+    by_row: dict[int, list] = {}
+    for row, entry in zip(owners, entries):
+        by_row.setdefault(row, []).append(entry[1])
+    return by_row
 
 
 def pass_output(out: SamplerOutput | None, params: list[SamplingParams], sample_rows: list[int],

@@ -74,6 +74,16 @@ def count_sampled(st: SamplingMetadata, token_ids: torch.Tensor) -> None:
                                 accumulate=True)
 
 
+def add_token_logprobs(out: SamplerOutput, raw: torch.Tensor, k: int) -> None:
+    """Fill out's logprobs of out.token_ids [N] from log-probabilities raw [N, V]: each token's
+    own, its rank, and the k most likely tokens' (k > 0)."""
+    chosen = raw.gather(-1, out.token_ids[:, None])  # [N, 1]
+    out.logprobs = chosen.squeeze(-1)
+    out.ranks = (raw > chosen).sum(dim=-1) + 1
+    if k > 0:
+        out.top_logprobs, out.top_ids = raw.topk(k, dim=-1)
+
+
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Zero probabilities under min_p x the row's largest probability."""
     threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
@@ -113,11 +123,7 @@ class Sampler(nn.Module):
             sampled = probs.div_(race).argmax(dim=-1)
             out.token_ids = sampled if st.greedy is None else torch.where(st.greedy, greedy_ids, sampled)
         if st.num_logprobs is not None:
-            chosen = raw.gather(-1, out.token_ids[:, None])  # [N, 1]
-            out.logprobs = chosen.squeeze(-1)
-            out.ranks = (raw > chosen).sum(dim=-1) + 1
-            if st.num_logprobs > 0:
-                out.top_logprobs, out.top_ids = raw.topk(st.num_logprobs, dim=-1)
+            add_token_logprobs(out, raw, st.num_logprobs)
         if st.output_counts is not None:
             count_sampled(st, out.token_ids)
         return out
