@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from myvllm.sample.metadata import SamplingMetadata
@@ -206,3 +207,33 @@ def test_fused_sampling_across_vocab_chunks(monkeypatch):
     expected = torch.softmax(row[picks].double(), -1) * n
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 16.27, f"chi-square {chi2:.2f} over the 0.1% critical value for 3 degrees of freedom"
+
+
+@pytest.mark.parametrize("top_p", [None, [0.9, 0.5, 1.0, 0.2]])
+def test_partial_sort_of_the_top_k_equals_the_full_sort(top_p):
+    """With every row's top_k known, sorting only the top_k-largest logits keeps the same tokens
+    at the same values as sorting the whole vocabulary."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 3000, generator=g) * 2
+    top_k = torch.tensor([20, 1, 700, 5])
+    top_p = None if top_p is None else torch.tensor(top_p)
+    full = apply_top_k_top_p(logits.clone(), top_k, top_p)
+    partial = apply_top_k_top_p(logits.clone(), top_k, top_p, max_top_k=700)
+    assert torch.equal(full, partial)
+    assert (partial > float("-inf")).sum(dim=-1).tolist()[1] == 1
+    assert (partial[0] > float("-inf")).sum() <= 20
+
+
+def test_the_builder_gives_the_largest_top_k_only_when_every_row_has_one():
+    from myvllm.runtime.sequence import Sequence
+    from myvllm.sample.metadata import SamplingMetadataBuilder
+    from myvllm.sampling_params import SamplingParams
+
+    builder = SamplingMetadataBuilder(torch.device("cpu"), vocab_size=100, seed=0)
+
+    def seqs(*top_ks):
+        return [Sequence(i, str(i), [1, 2], SamplingParams(temperature=1.0, top_k=k)) for i, k in enumerate(top_ks)]
+
+    assert builder.build(seqs(20, 5)).max_top_k == 20
+    assert builder.build(seqs(20, -1)).max_top_k is None
+    assert builder.build(seqs(20, 5)).top_k.tolist() == [20, 5]

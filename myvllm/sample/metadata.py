@@ -40,6 +40,7 @@ class SamplingMetadata:
     temperatures: torch.Tensor | None = None  # [N] float32, 1.0 on greedy rows (masked path)
     greedy: torch.Tensor | None = None  # [N] bool, None when no row or every row is greedy
     top_k: torch.Tensor | None = None  # [N] int64; vocab size where disabled
+    max_top_k: int | None = None  # the largest top_k when every row has one, else None
     top_p: torch.Tensor | None = None  # [N] float32; 1.0 where disabled
     min_p: torch.Tensor | None = None  # [N] float32; 0.0 where disabled
     seeded: list[tuple[int, torch.Generator]] | None = None  # (row, its generator)
@@ -127,6 +128,8 @@ class SamplingMetadataBuilder:
         if any(p.top_k_enabled for p in params):
             top_k = [p.top_k if p.top_k_enabled else self.vocab_size for p in params]
             meta.top_k = host_to_device(np.array(top_k, dtype=np.int64), dev)
+            if all(p.top_k_enabled for p in params):
+                meta.max_top_k = max(top_k)
         if any(p.top_p < 1.0 for p in params):
             meta.top_p = host_to_device(np.array([p.top_p for p in params], dtype=np.float32), dev)
         if any(p.min_p > 0.0 for p in params):

@@ -36,11 +36,28 @@ class SamplerOutput:
     top_ids: torch.Tensor | None = None  # [N, k]
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Set to -inf every logit outside the row's top_k and outside its top_p nucleus."""
+# With every row's top_k at most this, top-k / top-p sort only each row's top_k-largest logits
+# (torch.topk) instead of the whole vocabulary.
+PARTIAL_SORT_MAX_K = 1024
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                      max_top_k: int | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the row's top_k and outside its top_p nucleus. max_top_k:
+    the largest top_k of the rows when every row has one (known on the host), else None."""
+    if top_k is not None and max_top_k is not None and max_top_k <= PARTIAL_SORT_MAX_K:
+        # the nucleus lies inside the top-k: only those logits need sorting
+        sorted_logits, order = logits.topk(min(max_top_k, logits.shape[-1]), dim=-1)  # [N, max_top_k]
+        kept = _mask_sorted(sorted_logits, top_k, top_p)
+        return torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
+    return torch.empty_like(logits).scatter_(-1, order, _mask_sorted(sorted_logits, top_k, top_p))
+
+
+def _mask_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Logits sorted in descending order per row, -inf past the row's top_k and its top_p nucleus."""
     if top_k is not None:
-        rank = torch.arange(logits.shape[-1], device=logits.device)
+        rank = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)
         sorted_logits.masked_fill_(rank[None, :] >= top_k[:, None], float("-inf"))
     if top_p is not None:
         probs = sorted_logits.softmax(dim=-1)
@@ -48,7 +65,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
         drop = mass_before >= top_p[:, None]
         drop[:, 0] = False  # the most likely token always stays
         sorted_logits.masked_fill_(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return sorted_logits
 
 
 def apply_penalties(logits: torch.Tensor, st: SamplingMetadata) -> torch.Tensor:
@@ -113,7 +130,7 @@ class Sampler(nn.Module):
             greedy_ids = logits.argmax(dim=-1)
             x = logits / st.temperatures[:, None]
             if st.top_k is not None or st.top_p is not None:
-                x = apply_top_k_top_p(x, st.top_k, st.top_p)
+                x = apply_top_k_top_p(x, st.top_k, st.top_p, st.max_top_k)
             probs = x.softmax(dim=-1)
             if st.min_p is not None:
                 probs = apply_min_p(probs, st.min_p)
