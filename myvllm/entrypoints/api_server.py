@@ -195,12 +195,19 @@ class _Server:
         choices, num_prompt, num_out = [], 0, 0
         for i, out in enumerate(finals):
             num_prompt += len(out.prompt_token_ids)
+            prompt_lps = None
+            if out.prompt_logprobs is not None:
+                prompt_lps = await self._engine_call(self.engine.call(
+                    lambda e, entries=out.prompt_logprobs: _prompt_logprobs_json(e, entries)))
             for c in out.outputs:
                 num_out += len(c.token_ids)
                 lps = (completion_logprobs(c.token_ids, c.logprobs, params.logprobs)
                        if params.logprobs is not None and c.logprobs is not None else None)
-                choices.append({"index": i * params.n + c.index, "text": c.text, "logprobs": lps,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                choice = {"index": i * params.n + c.index, "text": c.text, "logprobs": lps,
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if prompt_lps is not None:
+                    choice["prompt_logprobs"] = prompt_lps
+                choices.append(choice)
         return JSONResponse({"id": rid, "object": "text_completion", "created": now(), "model": self.model_name,
                              "choices": choices, "usage": usage(num_prompt, num_out)})
 
@@ -345,6 +352,16 @@ def with_request_defaults(req: CompletionRequest | ChatCompletionRequest, params
 
 def _as_engine_prompt(prompt: str | list[int]) -> str | dict:
     return {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
+
+
+def _prompt_logprobs_json(engine: LLMEngine, entries: list) -> list:
+    """vLLM's prompt_logprobs: None for the first token, then token id -> logprob, rank and text
+    (decoded on the engine thread, which owns the tokenizer)."""
+    tok = engine.tokenizer
+    return [None if entry is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": tok.decode([t]) if tok else None}
+             for t, lp in entry.items()}
+            for entry in entries]
 
 
 def _render_chat(engine: LLMEngine, messages: list[dict], add_generation_prompt: bool,

@@ -88,6 +88,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # extension, as in vLLM
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -105,6 +106,9 @@ class CompletionRequest(_SamplingFields):
         super().check_unsupported()
         if self.echo:
             raise bad_request("echo is not supported", "echo", "unsupported")
+        if self.prompt_logprobs is not None and self.stream:
+            raise bad_request("prompt_logprobs is not supported with stream: true yet", "prompt_logprobs",
+                              "unsupported")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix", "unsupported")
         if self.best_of is not None and self.best_of != self.n:
@@ -221,7 +225,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, vocab_size: 
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
         max_tokens, logprobs = req.max_tokens, req.logprobs
-    kwargs: dict[str, Any] = dict(
+    kwargs: dict[str, Any] = dict(prompt_logprobs=getattr(req, "prompt_logprobs", None),
         n=req.n, max_tokens=max_tokens, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
