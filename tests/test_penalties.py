@@ -123,3 +123,16 @@ def test_repetition_penalty_equals_transformers_generate(tiny_model_dir, hf_tiny
         hf = hf_tiny.generate(torch.tensor([prompt]), max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS,
                               do_sample=False, repetition_penalty=1.5)
         assert out.outputs[0].token_ids == hf[0, len(prompt):].tolist()
+
+
+def test_seeded_sampling_with_penalties_is_the_same_scheduled_ahead_or_not(tiny_model_dir, prompt_ids):
+    """Batches scheduled ahead count the tokens still in flight on the device: the draws equal
+    those of the engine that reads every batch back first."""
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=NUM_TOKENS, ignore_eos=True, presence_penalty=1.0,
+                             frequency_penalty=0.5, repetition_penalty=1.2) for i in range(len(prompt_ids))]
+    runs = []
+    for ahead in (True, False):
+        llm = LLM(tiny_model_dir, kvcache_block_size=16, num_decode_passes=4, async_scheduling=ahead, **SMALL_KV)
+        outs = run_checked(llm, [{"prompt_token_ids": p} for p in prompt_ids], params)
+        runs.append([o.outputs[0].token_ids for o in outs])
+    assert runs[0] == runs[1]

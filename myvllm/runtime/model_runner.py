@@ -35,6 +35,7 @@ from myvllm.models.qwen3_opt import Qwen3ForCausalLM
 from myvllm.runtime import kv_cache
 from myvllm.runtime.host_copy import HostCopy, host_to_device
 from myvllm.runtime.scheduler import ScheduledBatch
+from myvllm.runtime.sequence import Sequence
 from myvllm.runtime.step_inputs import PromptLogprobRows, StepInputs, build_step_inputs, multi_pass_arrays
 from myvllm.sample.metadata import SamplingMetadata, SamplingMetadataBuilder
 from myvllm.sample.output import PassOutput, pass_output, prompt_entries
@@ -229,6 +230,8 @@ class ModelRunner:
             prompt = self._run_passes(inputs, batch.num_passes, kept, lambda k, logits: None, first_ids)
             return LaunchedBatch(batch, sample_rows, None, None, None, prompt, inputs.prompt_logprobs)
         meta = self.sampling.build(seqs, batch.num_passes)
+        if meta.output_counts is not None:
+            self._count_in_flight_tokens(meta, seqs, in_flight)
         outs: list[SamplerOutput] = []
 
         def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
@@ -299,6 +302,25 @@ class ModelRunner:
         flat = (prev_kept[cols] - 1) * in_flight.tokens.shape[1] + cols
         index = host_to_device(flat, self.device)
         return host_to_device(np.asarray(rows, dtype=np.int64), self.device), in_flight.tokens.view(-1)[index]
+
+    def _count_in_flight_tokens(self, meta: SamplingMetadata, seqs: list[Sequence],
+                                in_flight: LaunchedBatch | None) -> None:
+        """Add the output tokens still in flight (sampled by in_flight, on the device) to the
+        penalties' output counts, which the builder made from the tokens the host holds."""
+        rows = [j for j, s in enumerate(seqs) if s.num_inflight_tokens]
+        if not rows:
+            return
+        assert in_flight is not None and in_flight.tokens is not None, "tokens in flight without their batch"
+        prev = in_flight.batch
+        column = {prev.seqs[r].seq_id: j for j, r in enumerate(in_flight.sample_rows)}
+        counts = np.array([seqs[j].num_inflight_tokens for j in rows], dtype=np.int64)  # the passes each kept
+        cols = np.repeat([column[seqs[j].seq_id] for j in rows], counts)
+        passes = np.concatenate([np.arange(n) for n in counts])
+        flat = host_to_device(passes * in_flight.tokens.shape[1] + cols, self.device)
+        owners = host_to_device(np.repeat(np.asarray(rows, dtype=np.int64), counts), self.device)
+        tokens = in_flight.tokens.view(-1)[flat]
+        meta.output_counts.index_put_((owners, tokens), torch.ones_like(tokens, dtype=meta.output_counts.dtype),
+                                      accumulate=True)
 
     def _run_passes(self, inputs: StepInputs, num_passes: int, passes_kept: np.ndarray, sample,
                     first_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> HostCopy | None:

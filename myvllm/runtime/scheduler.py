@@ -224,15 +224,13 @@ class Scheduler:
         """Whether the next batch can be scheduled before the one in flight is applied: it then
         holds only decodes of running sequences (their input tokens are on the device), and
         needs no preemption (which would drop tokens in flight, whose draws a sequence's own
-        generator has already made), and no sequence has penalties (their output-token counts
-        are built from the tokens the host holds)."""
+        generator has already made)."""
         if self.waiting:
             return False
         bm = self.block_manager
         need = 0
         for s in self.running:
-            # penalties count the output tokens on the host when a batch is built
-            if s.num_uncomputed_tokens != 1 or s.params.has_penalties:
+            if s.num_uncomputed_tokens != 1:
                 return False
             need += bm.num_new_blocks(s, 1)
         return need <= bm.num_free_blocks

@@ -139,9 +139,9 @@ class SamplingMetadataBuilder:
 
     def _add_penalties(self, meta: SamplingMetadata, seqs: list[Sequence]) -> None:
         """Penalty factors per row, the rows' output-token counts and (for the repetition
-        penalty) their prompt tokens, as [N, V] tables on the device."""
+        penalty) their prompt tokens, as [N, V] tables on the device. The counts hold the tokens
+        the host has; the model runner adds those still in flight."""
         dev, params = self.device, [s.params for s in seqs]
-        assert not any(s.num_inflight_tokens for s in seqs), "penalties need every output token on the host"
 
         def factors(name: str) -> torch.Tensor:
             return host_to_device(np.array([getattr(p, name) for p in params], dtype=np.float32), dev)
