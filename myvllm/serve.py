@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from myvllm.config import EngineConfig
+from myvllm.entrypoints.parsers.reasoning import REASONING_PARSERS
 
 logger = logging.getLogger("myvllm.serve")
 
@@ -65,7 +67,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                         help="largest request body; larger gets HTTP 413 (default: 1 MiB)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
+                        help="return the text inside <think>...</think> as reasoning_content (default: none)")
+    parser.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
+                        help='JSON object passed to every chat template, e.g. \'{"enable_thinking": false}\'; '
+                             "a request's chat_template_kwargs win")
     return parser, _engine_flags(parser)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -96,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"myvllm-serve: error: {e}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or args.model
-    app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                    reasoning_parser=args.reasoning_parser,
+                    default_chat_template_kwargs=args.default_chat_template_kwargs)
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("serving %r at http://%s:%d/v1 (API key %s)", name, host, args.port,
                 "required" if api_key else "not required")

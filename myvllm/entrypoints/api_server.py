@@ -50,6 +50,7 @@ from myvllm.entrypoints.openai_protocol import (
     sampling_params,
     usage,
 )
+from myvllm.entrypoints.parsers.reasoning import REASONING_PARSERS, ReasoningStream, split_reasoning
 from myvllm.outputs import RequestOutput
 from myvllm.runtime.engine import LLMEngine
 from myvllm.runtime.generation_defaults import apply_defaults
@@ -67,9 +68,15 @@ _REQUEST_FIELDS = {"max_tokens": ("max_tokens", "max_completion_tokens")}
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True,
+              reasoning_parser: str | None = None, default_chat_template_kwargs: dict | None = None) -> FastAPI:
     """The FastAPI app. With manage_engine the app starts the engine thread at startup and
-    stops it at shutdown; otherwise the caller does."""
+    stops it at shutdown; otherwise the caller does. reasoning_parser "qwen3" returns the text
+    inside <think>...</think> as `reasoning_content`; default_chat_template_kwargs apply to every
+    chat request (its own chat_template_kwargs win)."""
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(f"reasoning_parser={reasoning_parser!r} is not supported: choose one of "
+                         f"{list(REASONING_PARSERS)}")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,7 +90,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     app = FastAPI(title="my-vllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app)
-    server = _Server(engine, served_model_name, max_body_bytes)
+    server = _Server(engine, served_model_name, max_body_bytes, reasoning_parser, default_chat_template_kwargs)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -156,10 +163,13 @@ def _reject_constant(name: str) -> Any:
 class _Server:
     """The /v1 handlers, bound to one engine and model name."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_body_bytes: int) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_body_bytes: int,
+                 reasoning_parser: str | None = None, default_chat_template_kwargs: dict | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
+        self.reasoning_parser = reasoning_parser
+        self.default_chat_template_kwargs = dict(default_chat_template_kwargs or {})
         self.created = now()
         # The generation-config defaults, fixed when the engine was made (safe to read from the loop).
         self.default_sampling = dict(engine.engine.default_sampling)
@@ -247,13 +257,15 @@ class _Server:
         req.check_unsupported()
         params = self._params(req)
         messages = req.template_messages()
-        kwargs = dict(req.chat_template_kwargs or {})
+        kwargs = {**self.default_chat_template_kwargs, **(req.chat_template_kwargs or {})}
+        # with a reasoning parser: thinking is on unless the template is told otherwise
+        thinking = None if self.reasoning_parser is None else kwargs.get("enable_thinking", True) is not False
         prompt = await self._engine_call(self.engine.call(
             lambda e: _render_chat(e, messages, req.add_generation_prompt, kwargs)))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._add([prompt], params, rid, "messages", True, req.stream)
         if req.stream:
-            return _EventStream(self._chat_events(req, params, rid, streams[0]), streams)
+            return _EventStream(self._chat_events(req, params, rid, streams[0], thinking), streams)
         finals = await _until_done_or_disconnect(request, _collect(streams))
         if finals is None:
             return Response(status_code=CLIENT_CLOSED)
@@ -262,17 +274,24 @@ class _Server:
         for c in out.outputs:
             lps = (chat_logprobs(c.token_ids, c.logprobs, params.logprobs)
                    if params.logprobs is not None and c.logprobs is not None else None)
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+            message = {"role": "assistant", "content": c.text}
+            if thinking is not None:
+                message["reasoning_content"], message["content"] = split_reasoning(c.text, thinking)
+            choices.append({"index": c.index, "message": message,
                             "logprobs": lps, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         num_out = sum(len(c.token_ids) for c in out.outputs)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now(), "model": self.model_name,
                              "choices": choices, "usage": usage(len(out.prompt_token_ids), num_out)})
 
     async def _chat_events(self, req: ChatCompletionRequest, params: SamplingParams, rid: str,
-                           stream: RequestStream) -> AsyncIterator[dict]:
+                           stream: RequestStream, thinking: bool | None = None) -> AsyncIterator[dict]:
+        """The chunks of a streamed chat; with thinking not None (a reasoning parser), text goes
+        out as delta.reasoning_content until </think>, then as delta.content."""
         created = now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         deltas = [ChoiceDelta(params) for _ in range(params.n)]
+        reasoning = [ReasoningStream(thinking) for _ in range(params.n)] if thinking is not None else None
+        texts = [""] * params.n
         for index in range(params.n):
             yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
@@ -287,8 +306,12 @@ class _Server:
                 lps = None
                 if params.logprobs is not None and entries is not None:
                     lps = chat_logprobs(tokens, entries, params.logprobs)
-                choice = {"index": c.index, "delta": {"content": text} if text else {}, "logprobs": lps,
-                          "finish_reason": finish}
+                delta = {"content": text} if text else {}
+                if reasoning is not None:
+                    texts[c.index] += text
+                    thought, answer = reasoning[c.index].advance(texts[c.index], finish is not None)
+                    delta = {k: v for k, v in (("reasoning_content", thought), ("content", answer)) if v}
+                choice = {"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish}
                 if finish:
                     choice["stop_reason"] = c.stop_reason
                 yield {**head, "choices": [choice]}

@@ -1,0 +1,1 @@
+"""Parsers of model output for the chat API: reasoning (`--reasoning-parser`)."""
