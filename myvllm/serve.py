@@ -24,6 +24,7 @@ from typing import Any
 
 from myvllm.config import EngineConfig
 from myvllm.entrypoints.parsers.reasoning import REASONING_PARSERS
+from myvllm.entrypoints.parsers.tool_calls import TOOL_CALL_PARSERS
 
 logger = logging.getLogger("myvllm.serve")
 
@@ -69,6 +70,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
                         help="return the text inside <think>...</think> as reasoning_content (default: none)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="let the model call the tools a chat request lists (tool_choice 'auto'); needs "
+                             "--tool-call-parser")
+    parser.add_argument("--tool-call-parser", default=None, choices=list(TOOL_CALL_PARSERS),
+                        help="how tool calls are written in the model's output (hermes: Qwen3's <tool_call>)")
     parser.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
                         help='JSON object passed to every chat template, e.g. \'{"enable_thinking": false}\'; '
                              "a request's chat_template_kwargs win")
@@ -93,6 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
         parser.error("--max-waiting-requests must be >= 1")
     if args.max_body_bytes < 1:
         parser.error("--max-body-bytes must be >= 1")
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        parser.error("--enable-auto-tool-choice and --tool-call-parser go together")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be in [0, 65535]")
     engine_args = {name: getattr(args, name) for name in engine_names if hasattr(args, name)}
@@ -115,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = args.served_model_name or args.model
     app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                     reasoning_parser=args.reasoning_parser,
-                    default_chat_template_kwargs=args.default_chat_template_kwargs)
+                    default_chat_template_kwargs=args.default_chat_template_kwargs,
+                    tool_call_parser=args.tool_call_parser)
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("serving %r at http://%s:%d/v1 (API key %s)", name, host, args.port,
                 "required" if api_key else "not required")

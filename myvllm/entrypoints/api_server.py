@@ -51,6 +51,7 @@ from myvllm.entrypoints.openai_protocol import (
     usage,
 )
 from myvllm.entrypoints.parsers.reasoning import REASONING_PARSERS, ReasoningStream, split_reasoning
+from myvllm.entrypoints.parsers.tool_calls import TOOL_CALL_PARSERS, ToolCallStream, parse_tool_calls
 from myvllm.outputs import RequestOutput
 from myvllm.runtime.engine import LLMEngine
 from myvllm.runtime.generation_defaults import apply_defaults
@@ -69,11 +70,16 @@ _REQUEST_FIELDS = {"max_tokens": ("max_tokens", "max_completion_tokens")}
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True,
-              reasoning_parser: str | None = None, default_chat_template_kwargs: dict | None = None) -> FastAPI:
+              reasoning_parser: str | None = None, default_chat_template_kwargs: dict | None = None,
+              tool_call_parser: str | None = None) -> FastAPI:
     """The FastAPI app. With manage_engine the app starts the engine thread at startup and
     stops it at shutdown; otherwise the caller does. reasoning_parser "qwen3" returns the text
     inside <think>...</think> as `reasoning_content`; default_chat_template_kwargs apply to every
-    chat request (its own chat_template_kwargs win)."""
+    chat request (its own chat_template_kwargs win). tool_call_parser "hermes" turns on tools
+    (tool_choice "auto"): <tool_call> blocks in a reply become tool_calls."""
+    if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+        raise ValueError(f"tool_call_parser={tool_call_parser!r} is not supported: choose one of "
+                         f"{list(TOOL_CALL_PARSERS)}")
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"reasoning_parser={reasoning_parser!r} is not supported: choose one of "
                          f"{list(REASONING_PARSERS)}")
@@ -90,7 +96,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     app = FastAPI(title="my-vllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app)
-    server = _Server(engine, served_model_name, max_body_bytes, reasoning_parser, default_chat_template_kwargs)
+    server = _Server(engine, served_model_name, max_body_bytes, reasoning_parser, default_chat_template_kwargs,
+                     tool_call_parser)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -164,12 +171,14 @@ class _Server:
     """The /v1 handlers, bound to one engine and model name."""
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, max_body_bytes: int,
-                 reasoning_parser: str | None = None, default_chat_template_kwargs: dict | None = None) -> None:
+                 reasoning_parser: str | None = None, default_chat_template_kwargs: dict | None = None,
+                 tool_call_parser: str | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
         self.reasoning_parser = reasoning_parser
         self.default_chat_template_kwargs = dict(default_chat_template_kwargs or {})
+        self.tool_call_parser = tool_call_parser
         self.created = now()
         # The generation-config defaults, fixed when the engine was made (safe to read from the loop).
         self.default_sampling = dict(engine.engine.default_sampling)
@@ -260,12 +269,18 @@ class _Server:
         kwargs = {**self.default_chat_template_kwargs, **(req.chat_template_kwargs or {})}
         # with a reasoning parser: thinking is on unless the template is told otherwise
         thinking = None if self.reasoning_parser is None else kwargs.get("enable_thinking", True) is not False
+        tools = bool(req.tools) and req.tool_choice != "none"
+        if tools and self.tool_call_parser is None:
+            raise bad_request("tools need a server started with --enable-auto-tool-choice --tool-call-parser hermes",
+                              "tools", "unsupported")
+        if tools:
+            kwargs["tools"] = req.tools
         prompt = await self._engine_call(self.engine.call(
             lambda e: _render_chat(e, messages, req.add_generation_prompt, kwargs)))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._add([prompt], params, rid, "messages", True, req.stream)
         if req.stream:
-            return _EventStream(self._chat_events(req, params, rid, streams[0], thinking), streams)
+            return _EventStream(self._chat_events(req, params, rid, streams[0], thinking, tools), streams)
         finals = await _until_done_or_disconnect(request, _collect(streams))
         if finals is None:
             return Response(status_code=CLIENT_CLOSED)
@@ -274,24 +289,26 @@ class _Server:
         for c in out.outputs:
             lps = (chat_logprobs(c.token_ids, c.logprobs, params.logprobs)
                    if params.logprobs is not None and c.logprobs is not None else None)
-            message = {"role": "assistant", "content": c.text}
-            if thinking is not None:
-                message["reasoning_content"], message["content"] = split_reasoning(c.text, thinking)
+            message, finish = reply_message(c.text, c.finish_reason, thinking, tools)
             choices.append({"index": c.index, "message": message,
-                            "logprobs": lps, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                            "logprobs": lps, "finish_reason": finish, "stop_reason": c.stop_reason})
         num_out = sum(len(c.token_ids) for c in out.outputs)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now(), "model": self.model_name,
                              "choices": choices, "usage": usage(len(out.prompt_token_ids), num_out)})
 
     async def _chat_events(self, req: ChatCompletionRequest, params: SamplingParams, rid: str,
-                           stream: RequestStream, thinking: bool | None = None) -> AsyncIterator[dict]:
+                           stream: RequestStream, thinking: bool | None = None,
+                           tools: bool = False) -> AsyncIterator[dict]:
         """The chunks of a streamed chat; with thinking not None (a reasoning parser), text goes
-        out as delta.reasoning_content until </think>, then as delta.content."""
+        out as delta.reasoning_content until </think>, then as delta.content; with tools, the
+        content from the first <tool_call> on is held back and sent as delta.tool_calls at the end."""
         created = now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         deltas = [ChoiceDelta(params) for _ in range(params.n)]
         reasoning = [ReasoningStream(thinking) for _ in range(params.n)] if thinking is not None else None
         texts = [""] * params.n
+        answers = [""] * params.n
+        tool_streams = [ToolCallStream() for _ in range(params.n)] if tools else None
         for index in range(params.n):
             yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
@@ -311,6 +328,14 @@ class _Server:
                     texts[c.index] += text
                     thought, answer = reasoning[c.index].advance(texts[c.index], finish is not None)
                     delta = {k: v for k, v in (("reasoning_content", thought), ("content", answer)) if v}
+                if tool_streams is not None:
+                    answers[c.index] += delta.pop("content", "")
+                    content, calls = tool_streams[c.index].advance(answers[c.index], finish is not None)
+                    if content:
+                        delta["content"] = content
+                    if calls:
+                        delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
+                        finish = "tool_calls"
                 choice = {"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish}
                 if finish:
                     choice["stop_reason"] = c.stop_reason
@@ -375,6 +400,21 @@ def with_request_defaults(req: CompletionRequest | ChatCompletionRequest, params
 
 def _as_engine_prompt(prompt: str | list[int]) -> str | dict:
     return {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
+
+
+def reply_message(text: str, finish_reason: str | None, thinking: bool | None,
+                  tools: bool) -> tuple[dict[str, Any], str | None]:
+    """(chat message, finish_reason) of a whole reply: reasoning split off when thinking is not
+    None, tool calls parsed when tools are on (finish_reason "tool_calls" when there are some)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if thinking is not None:
+        message["reasoning_content"], message["content"] = split_reasoning(text, thinking)
+    if tools:
+        message["content"], calls = parse_tool_calls(message["content"] or "")
+        if calls:
+            message["tool_calls"] = calls
+            finish_reason = "tool_calls"
+    return message, finish_reason
 
 
 def _prompt_logprobs_json(engine: LLMEngine, entries: list) -> list:

@@ -148,10 +148,9 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tools:
-            raise bad_request("tools are not supported", "tools", "unsupported")
         if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported", "tool_choice", "unsupported")
+            raise bad_request(f"tool_choice={self.tool_choice!r} is not supported yet (it needs structured outputs): "
+                              f"use 'auto' or 'none'", "tool_choice", "unsupported")
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise bad_request("response_format other than {'type': 'text'} is not supported",
                               "response_format", "unsupported")
