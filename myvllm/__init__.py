@@ -2,7 +2,7 @@
 
 from myvllm.llm import LLM
 from myvllm.outputs import CompletionOutput, Logprob, RequestOutput
-from myvllm.sampling_params import SamplingParams
+from myvllm.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"

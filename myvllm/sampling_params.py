@@ -22,7 +22,7 @@ MAX_INT64 = (1 << 63) - 1
 UNSUPPORTED_VLLM_FIELDS = frozenset({
     "best_of", "bad_words",
     "detokenize", "spaces_between_special_tokens", "logits_processors", "truncate_prompt_tokens", "output_kind",
-    "guided_decoding", "structured_outputs", "logit_bias", "allowed_token_ids", "extra_args", "use_beam_search",
+    "guided_decoding", "logit_bias", "allowed_token_ids", "extra_args", "use_beam_search",
     "length_penalty", "early_stopping",
 })
 
@@ -65,6 +65,38 @@ def _check_bool(name: str, value) -> None:
         raise _type_error(name, value, "a bool")
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's names), exactly one of: json (a JSON schema, as a dict
+    or a JSON string), json_object (any JSON object), regex, choice (one of these strings),
+    grammar (an EBNF grammar, xgrammar's dialect). field_name: the request field that set it,
+    named in errors (the server's response_format, say)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    field_name: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise ValueError(f"{self.field_name} must set exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise _type_error(f"{self.field_name}.json", self.json, "a dict or a JSON string")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _type_error(f"{self.field_name}.{name}", value, "a non-empty str")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise _type_error(f"{self.field_name}.choice", self.choice, "a non-empty list of non-empty str")
+
+
 def _reject_unknown_keywords(cls):
     """Wraps the dataclass's generated __init__ so that a keyword that is not an init field gets a
     message naming it (and the accepted fields) instead of Python's bare 'unexpected keyword'."""
@@ -100,7 +132,8 @@ class SamplingParams:
     are matched on the detokenized output and excluded from the returned text;
     `stop_token_ids` and the model's EOS (unless `ignore_eos`) end generation too.
     `logprobs=k` returns the top-k log-probabilities (of the raw model distribution) per
-    generated token, plus the sampled token's; `prompt_logprobs=k` the same for every prompt
+    generated token, plus the sampled token's. `structured_outputs` constrains the output to a
+    JSON schema, a regex, a choice or a grammar (xgrammar). `prompt_logprobs=k` the same for every prompt
     token after the first (such a prompt is always computed: it takes no prefix-cache hits).
     """
 
@@ -120,6 +153,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
@@ -130,6 +164,8 @@ class SamplingParams:
         self._check_stops()
         _check_int("logprobs", self.logprobs, 0, optional=True)
         _check_int("prompt_logprobs", self.prompt_logprobs, 0, optional=True)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _type_error("structured_outputs", self.structured_outputs, "None or a StructuredOutputsParams")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             _check_bool(name, getattr(self, name))
 

@@ -210,7 +210,7 @@ def test_right_type_out_of_range_stays_a_value_error(kwargs, words):
     assert str(info.value) == words
 
 
-@pytest.mark.parametrize("name", ["best_of", "guided_decoding", "structured_outputs",
+@pytest.mark.parametrize("name", ["best_of", "guided_decoding",
                                   "logits_processors", "bad_words", "truncate_prompt_tokens", "output_kind",
                                   "detokenize", "spaces_between_special_tokens", "allowed_token_ids", "logit_bias"])
 def test_unsupported_vllm_field_says_so(name):

@@ -36,6 +36,7 @@ from myvllm.runtime.model_runner import LaunchedBatch, ModelRunner
 from myvllm.runtime.scheduler import Scheduler
 from myvllm.runtime.sequence import Sequence, StopState
 from myvllm.runtime.stop_checker import StopChecker
+from myvllm.sample.structured import StructuredOutputs
 from myvllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, stop_checker, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len, config.num_decode_passes,
                                    self.async_scheduling)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, RequestState] = {}
         self._in_flight: LaunchedBatch | None = None  # launched, output not yet applied
         self._seq_ids = itertools.count()
@@ -127,6 +129,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = request.params
+        spec = params.structured_outputs
+        matchers = [self.structured.matcher(spec) for _ in range(params.n)] if spec is not None else None
         state = RequestState(request_id, request.prompt, request.prompt_token_ids, params, stream=stream)
         banned = sorted(set(params.stop_token_ids or []) | (set() if params.ignore_eos else self.eos_token_ids))
         arrival = next(self._arrivals)
@@ -135,6 +139,7 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, request.prompt_token_ids, params, index=i, seed=seed,
                            arrival=arrival)
             seq.min_tokens_banned = banned if params.min_tokens else []
+            seq.grammar = matchers[i] if matchers is not None else None
             state.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = state

@@ -230,7 +230,7 @@ class Scheduler:
         bm = self.block_manager
         need = 0
         for s in self.running:
-            if s.num_uncomputed_tokens != 1:
+            if s.num_uncomputed_tokens != 1 or s.grammar is not None:  # a grammar needs its last token
                 return False
             need += bm.num_new_blocks(s, 1)
         return need <= bm.num_free_blocks
@@ -246,13 +246,14 @@ class Scheduler:
 
         Sequence i keeps the tokens of its first passes_kept[i] passes: no more than its
         max_tokens or max_model_len allow. Sequences still under min_tokens (whose stop
-        tokens are banned per token) keep single passes.
+        tokens are banned per token) and constrained ones (whose grammar takes each token on the
+        host) keep single passes.
         """
         bm = self.block_manager
         kept = []
         for seq in batch.seqs:
             p = seq.params
-            if seq.num_output_tokens < p.min_tokens:
+            if seq.num_output_tokens < p.min_tokens or seq.grammar is not None:
                 return
             n = min(self.num_decode_passes, self.max_model_len - len(seq))
             if p.max_tokens is not None:
@@ -330,6 +331,9 @@ class Scheduler:
         assert len(tokens) <= seq.num_inflight_tokens, f"{seq}: {len(tokens)} tokens for {seq.num_inflight_tokens}"
         seq.token_ids.extend(tokens)
         seq.num_inflight_tokens -= len(tokens)
+        if seq.grammar is not None and not seq.grammar.is_terminated():
+            for t in tokens:
+                seq.grammar.accept_token(t)
         self.block_manager.cache_full_blocks(seq)
 
     def _check_stop(self, seq: Sequence) -> bool:

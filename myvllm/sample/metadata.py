@@ -24,6 +24,7 @@ import torch
 
 from myvllm.runtime.host_copy import host_to_device
 from myvllm.runtime.sequence import Sequence
+from myvllm.sample.structured import token_bitmask
 
 # Seeds of the fused sampler (62-bit, so they and their increments fit int64): SEED_MIX spreads
 # user seeds apart, and each sampling pass of the engine owns ROWS_PER_PASS consecutive seeds.
@@ -57,6 +58,7 @@ class SamplingMetadata:
     presence_penalties: torch.Tensor | None = None  # [N] float32
     frequency_penalties: torch.Tensor | None = None  # [N] float32
     repetition_penalties: torch.Tensor | None = None  # [N] float32
+    grammar_bitmask: torch.Tensor | None = None  # [N, ceil(V / 32)] int32: tokens constrained rows allow
 
 
 class SamplingMetadataBuilder:
@@ -79,10 +81,13 @@ class SamplingMetadataBuilder:
         penalties = any(p.has_penalties for p in params)
         if penalties:
             self._add_penalties(meta, seqs)
+        constrained = any(s.grammar is not None for s in seqs)
+        if constrained:
+            meta.grammar_bitmask = token_bitmask([s.grammar for s in seqs], self.vocab_size, dev)
         if not meta.all_greedy:
             temps = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
-            # penalised logits are float32 copies: they take the torch path
-            masked = penalties or any(p.top_k_enabled or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+            # penalised or constrained logits are float32 copies: they take the torch path
+            masked = penalties or constrained or any(p.top_k_enabled or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
             if dev.type == "cuda" and not masked:
                 temps[greedy] = 0.0
                 meta.fused_temperatures = host_to_device(temps, dev)

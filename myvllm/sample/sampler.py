@@ -116,6 +116,11 @@ class Sampler(nn.Module):
             raw = torch.log_softmax(logits.float(), dim=-1)
         if st.output_counts is not None:
             logits = apply_penalties(logits, st)
+        if st.grammar_bitmask is not None:
+            from myvllm.sample.structured import apply_bitmask
+
+            logits = logits.to(torch.float32, copy=st.output_counts is None)
+            apply_bitmask(logits, st.grammar_bitmask)
         if st.banned_rows is not None:
             neg_inf = torch.full((), float("-inf"), device=logits.device)  # a device fill, no host copy
             logits = logits.index_put((st.banned_rows, st.banned_tokens), neg_inf)

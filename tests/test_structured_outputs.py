@@ -1,0 +1,77 @@
+"""Structured outputs (xgrammar): whatever the tiny random model prefers, a constrained output
+follows its JSON schema, regex, choice or grammar, greedy and sampled, beside unconstrained
+requests that come out as they would alone; compile errors name the field."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from engine_utils import SMALL_KV, run_checked
+
+from myvllm import LLM, SamplingParams, StructuredOutputsParams
+
+pytest.importorskip("xgrammar")
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir) -> LLM:
+    return LLM(tiny_model_dir, kvcache_block_size=16, max_model_len=256, **SMALL_KV)
+
+
+def generate(llm, spec: StructuredOutputsParams, **kw):
+    params = SamplingParams(max_tokens=120, structured_outputs=spec, **{"temperature": 0, **kw})
+    return llm.generate(["the quick brown fox"], params, use_tqdm=False)[0].outputs
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_json_schema(llm, temperature):
+    for c in generate(llm, StructuredOutputsParams(json=SCHEMA), temperature=temperature, n=2, seed=1):
+        value = json.loads(c.text)
+        assert set(value) == {"name", "age"} and re.fullmatch("[a-z]{1,8}", value["name"]) and 0 <= value["age"] <= 99
+        assert c.finish_reason == "stop"
+
+
+def test_json_object_regex_choice_and_grammar(llm):
+    # an open object can go on as long as the random model likes; cut by max_tokens or not, the
+    # output is one the grammar of a JSON object accepts token by token, and opens an object
+    spec = StructuredOutputsParams(json_object=True)
+    for c in generate(llm, spec, temperature=1.0, n=3, seed=7):
+        assert c.text.startswith("{")
+        matcher = llm.engine.structured.matcher(spec)
+        assert all(matcher.accept_token(t) for t in c.token_ids)
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.text, strict=False), dict)  # xgrammar lets control chars into strings
+    (c,) = generate(llm, StructuredOutputsParams(regex=r"[a-c]{3}-[0-9]{2}"), temperature=1.0, seed=5)
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", c.text), c.text
+    (c,) = generate(llm, StructuredOutputsParams(choice=["red wine", "blue cheese", "green tea"]), temperature=1.0,
+                    seed=2)
+    assert c.text in ("red wine", "blue cheese", "green tea")
+    (c,) = generate(llm, StructuredOutputsParams(grammar='root ::= "yes" | "no" " " [0-9]'))
+    assert re.fullmatch(r"yes|no [0-9]", c.text), c.text
+
+
+def test_unconstrained_requests_in_the_same_batch_lose_nothing(llm):
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(["a lazy dog", "seven wizards"], free, use_tqdm=False)
+    constrained = SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    mixed = run_checked(llm, ["a lazy dog", "the quick brown fox", "seven wizards"], [free, constrained, free])
+    assert [o.outputs[0].token_ids for o in (mixed[0], mixed[2])] == [o.outputs[0].token_ids for o in alone]
+    json.loads(mixed[1].outputs[0].text)
+
+
+def test_bad_specs_name_the_field(llm):
+    with pytest.raises(ValueError, match=r"structured_outputs: the JSON schema does not compile"):
+        generate(llm, StructuredOutputsParams(json='{"type": "object", "properties": 3}'))
+    with pytest.raises(ValueError, match=r"structured_outputs: the regex does not compile"):
+        generate(llm, StructuredOutputsParams(regex="(unclosed"))
+    with pytest.raises(ValueError, match="exactly one of"):
+        StructuredOutputsParams(regex="a", choice=["b"])
+    with pytest.raises(TypeError, match="structured_outputs must be None or a StructuredOutputsParams"):
+        SamplingParams(structured_outputs={"json": SCHEMA})
+    assert not llm.engine.requests
