@@ -75,3 +75,48 @@ def test_bad_specs_name_the_field(llm):
     with pytest.raises(TypeError, match="structured_outputs must be None or a StructuredOutputsParams"):
         SamplingParams(structured_outputs={"json": SCHEMA})
     assert not llm.engine.requests
+
+
+@pytest.fixture(scope="module")
+def http(tiny_model_dir, one_thread):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from myvllm.entrypoints.api_server import build_app
+    from myvllm.entrypoints.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_engine_args(tiny_model_dir, generation_config="vllm", kvcache_block_size=16,
+                                             max_model_len=256, **SMALL_KV)
+    with TestClient(build_app(engine, "tiny")) as client:
+        yield client
+
+
+def chat(http, **body):
+    return http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 120, "temperature": 0,
+                                                    "messages": [{"role": "user", "content": "red green"}], **body})
+
+
+def test_the_server_takes_response_format_and_vllm_fields(http):
+    r = chat(http, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+    assert r.status_code == 200, r.text
+    value = json.loads(r.json()["choices"][0]["message"]["content"])
+    assert set(value) == {"name", "age"}
+    r = chat(http, guided_choice=["red wine", "green tea"])
+    assert r.json()["choices"][0]["message"]["content"] in ("red wine", "green tea")
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "blue", "max_tokens": 20,
+                                           "structured_outputs": {"regex": "[0-9]{4}"}})
+    assert re.fullmatch("[0-9]{4}", r.json()["choices"][0]["text"]), r.text
+
+
+@pytest.mark.parametrize("body,field", [
+    (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": 3}}}),
+     "response_format"),
+    (dict(response_format={"type": "yaml"}), "response_format"),
+    (dict(guided_regex="(open"), "guided_regex"),
+    (dict(guided_regex="a", guided_choice=["b"]), "guided_choice"),
+    (dict(structured_outputs={"xml": "x"}), "structured_outputs"),
+])
+def test_bad_constraints_are_400s_naming_the_field(http, body, field):
+    r = chat(http, **body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert chat(http, max_tokens=2).status_code == 200  # the server serves on

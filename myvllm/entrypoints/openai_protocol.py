@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from myvllm.outputs import CompletionOutput, Logprob
-from myvllm.sampling_params import SamplingParams
+from myvllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class APIError(Exception):
@@ -67,6 +67,12 @@ class _SamplingFields(_Strict):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    # structured outputs, vLLM's fields: the older guided_* ones, or structured_outputs
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
@@ -151,9 +157,13 @@ class ChatCompletionRequest(_SamplingFields):
         if self.tool_choice not in (None, "none", "auto"):
             raise bad_request(f"tool_choice={self.tool_choice!r} is not supported yet (it needs structured outputs): "
                               f"use 'auto' or 'none'", "tool_choice", "unsupported")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise bad_request("response_format other than {'type': 'text'} is not supported",
-                              "response_format", "unsupported")
+        kind = None if self.response_format is None else self.response_format.get("type")
+        if kind not in (None, "text", "json_object", "json_schema"):
+            raise bad_request(f"response_format type {kind!r} is not supported: use text, json_object or json_schema",
+                              "response_format")
+        if kind == "json_schema" and not isinstance((self.response_format.get("json_schema") or {}).get("schema"),
+                                                    dict):
+            raise bad_request("response_format json_schema needs json_schema.schema, an object", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
 
@@ -201,7 +211,38 @@ def _param_of(loc: list[str]) -> str:
 
 # ---- onto the engine -----------------------------------------------------------------------------
 
-_SP_FIELD = re.compile(r"^(\w+)(=| must| strings)")
+_SP_FIELD = re.compile(r"^(\w+)(=| must| strings|:| needs)")
+# request fields that set structured outputs (named in their errors)
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar")
+
+
+def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> StructuredOutputsParams | None:
+    """The request's constraint: response_format (chat), structured_outputs, or a guided_* field."""
+    fmt = getattr(req, "response_format", None)
+    kind = None if fmt is None else fmt.get("type")
+    given = [name for name in STRUCTURED_FIELDS[1:] if getattr(req, name) is not None]
+    if kind in ("json_object", "json_schema"):
+        given.insert(0, "response_format")
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad_request(f"{given[0]} and {given[1]} both constrain the output: give one", given[1])
+    name = given[0]
+    try:
+        if name == "response_format":
+            if kind == "json_object":
+                return StructuredOutputsParams(json_object=True, field_name=name)
+            return StructuredOutputsParams(json=fmt["json_schema"]["schema"], field_name=name)
+        if name == "structured_outputs":
+            unknown = sorted(set(req.structured_outputs) - {"json", "regex", "choice", "grammar", "json_object"})
+            if unknown:
+                raise bad_request(f"structured_outputs: unknown key(s) {unknown}", name)
+            return StructuredOutputsParams(**req.structured_outputs, field_name=name)
+        key = name.removeprefix("guided_")
+        return StructuredOutputsParams(**{key: getattr(req, name)}, field_name=name)
+    except (TypeError, ValueError) as e:
+        raise bad_request(str(e), name) from None
 MAX_N = 128  # completions per request: each is a sequence holding its own KV blocks
 MAX_INT = (1 << 63) - 1  # integers reach the sampler as int64
 
@@ -229,6 +270,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, vocab_size: 
         ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
     )
+    kwargs["structured_outputs"] = structured_outputs(req)
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty"):
         if getattr(req, name) is not None:
@@ -247,6 +289,8 @@ def request_field(message: str, is_chat: bool, prompt_field: str = "prompt") -> 
         return "max_completion_tokens"
     if name == "logprobs" and is_chat:
         return "top_logprobs"
+    if name in STRUCTURED_FIELDS:
+        return name
     if name in ("prompt", "text") or name not in SamplingParams.__dataclass_fields__:
         return prompt_field
     return name
