@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from myvllm import LLM, SamplingParams
@@ -57,3 +58,17 @@ def run_checked(llm: LLM, prompts, params: SamplingParams | list[SamplingParams]
     assert bm.num_free_blocks == bm.num_blocks, "blocks leaked after all requests finished"
     assert all(c == 0 for c in bm.ref_counts)
     return [results[i] for i in ids]
+
+
+@contextlib.contextmanager
+def in_process_server(model_dir: str, max_model_len: int = 256, **app_kw):
+    """The OpenAI app over a tiny engine (neutral sampling defaults), as a FastAPI TestClient."""
+    from fastapi.testclient import TestClient
+
+    from myvllm.entrypoints.api_server import build_app
+    from myvllm.entrypoints.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_engine_args(model_dir, generation_config="vllm", kvcache_block_size=16,
+                                             max_model_len=max_model_len, **SMALL_KV)
+    with TestClient(build_app(engine, "tiny", **app_kw)) as client:
+        yield client

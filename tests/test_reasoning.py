@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from engine_utils import SMALL_KV
+from engine_utils import in_process_server
 
 from myvllm.entrypoints.parsers.reasoning import ReasoningStream, split_reasoning
 
@@ -40,18 +40,10 @@ def test_streamed_deltas_add_up_and_never_split_a_tag(text, thinking, expected):
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, one_thread):
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from myvllm.entrypoints.api_server import build_app
-    from myvllm.entrypoints.async_engine import AsyncLLMEngine
-
-    def app(**kw):
-        engine = AsyncLLMEngine.from_engine_args(tiny_model_dir, generation_config="vllm", kvcache_block_size=16,
-                                                 max_model_len=128, **SMALL_KV)
-        return TestClient(build_app(engine, "tiny", **kw))
-
-    with app() as plain, app(reasoning_parser="qwen3") as thinking, \
-            app(reasoning_parser="qwen3", default_chat_template_kwargs={"enable_thinking": False}) as no_thinking:
+    with in_process_server(tiny_model_dir, 128) as plain, \
+            in_process_server(tiny_model_dir, 128, reasoning_parser="qwen3") as thinking, \
+            in_process_server(tiny_model_dir, 128, reasoning_parser="qwen3",
+                              default_chat_template_kwargs={"enable_thinking": False}) as no_thinking:
         yield plain, thinking, no_thinking
 
 

@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from engine_utils import SMALL_KV, run_checked
+from engine_utils import SMALL_KV, in_process_server, run_checked
 
 from myvllm import LLM, SamplingParams, StructuredOutputsParams
 
@@ -80,14 +80,7 @@ def test_bad_specs_name_the_field(llm):
 @pytest.fixture(scope="module")
 def http(tiny_model_dir, one_thread):
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from myvllm.entrypoints.api_server import build_app
-    from myvllm.entrypoints.async_engine import AsyncLLMEngine
-
-    engine = AsyncLLMEngine.from_engine_args(tiny_model_dir, generation_config="vllm", kvcache_block_size=16,
-                                             max_model_len=256, **SMALL_KV)
-    with TestClient(build_app(engine, "tiny")) as client:
+    with in_process_server(tiny_model_dir) as client:
         yield client
 
 

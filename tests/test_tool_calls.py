@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from engine_utils import SMALL_KV
+from engine_utils import in_process_server
 
 from myvllm.entrypoints.parsers.tool_calls import ToolCallStream, parse_tool_calls
 
@@ -70,17 +70,8 @@ def test_reply_message_splits_reasoning_then_tool_calls():
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, one_thread):
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from myvllm.entrypoints.api_server import build_app
-    from myvllm.entrypoints.async_engine import AsyncLLMEngine
-
-    def app(**kw):
-        engine = AsyncLLMEngine.from_engine_args(tiny_model_dir, generation_config="vllm", kvcache_block_size=16,
-                                                 max_model_len=256, **SMALL_KV)
-        return TestClient(build_app(engine, "tiny", **kw))
-
-    with app() as plain, app(tool_call_parser="hermes") as tools:
+    with in_process_server(tiny_model_dir) as plain, \
+            in_process_server(tiny_model_dir, tool_call_parser="hermes") as tools:
         yield plain, tools
 
 

@@ -10,6 +10,8 @@ splits `<think>` or `</think>`.
 
 from __future__ import annotations
 
+from myvllm.entrypoints.parsers.tags import partial_tag_length
+
 START, END = "<think>", "</think>"
 REASONING_PARSERS = ("qwen3",)
 
@@ -25,14 +27,6 @@ def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str | None]:
     return reasoning or None, content or None
 
 
-def _partial_tag_length(text: str, tag: str) -> int:
-    """Length of the longest end of text that is a proper start of tag (a tag still arriving)."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
 class ReasoningStream:
     """Turns the growing text of one streamed choice into (reasoning delta, content delta)."""
 
@@ -44,7 +38,7 @@ class ReasoningStream:
     def advance(self, text: str, finished: bool) -> tuple[str, str]:
         """The reasoning and content text new since the last call; text: the output so far."""
         if not finished and self.thinking:
-            hold = max(_partial_tag_length(text, END), _partial_tag_length(text, START) if len(text) < len(START)
+            hold = max(partial_tag_length(text, END), partial_tag_length(text, START) if len(text) < len(START)
                        else 0)
             text = text[:len(text) - hold]
         reasoning, content = split_reasoning(text, self.thinking)

@@ -15,6 +15,8 @@ import re
 import uuid
 from typing import Any
 
+from myvllm.entrypoints.parsers.tags import partial_tag_length
+
 START, END = "<tool_call>", "</tool_call>"
 TOOL_CALL_PARSERS = ("hermes",)
 _BLOCK = re.compile(re.escape(START) + r"(.*?)" + re.escape(END), re.DOTALL)
@@ -49,13 +51,6 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     return text[:start].strip() or None, calls
 
 
-def _partial_tag_length(text: str, tag: str) -> int:
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
 class ToolCallStream:
     """Splits the growing content of one streamed choice into content deltas, then tool calls."""
 
@@ -66,7 +61,7 @@ class ToolCallStream:
         """(content delta, tool calls) new since the last call; calls come only when finished."""
         start = text.find(START)
         if not finished:
-            end = start if start >= 0 else len(text) - _partial_tag_length(text, START)
+            end = start if start >= 0 else len(text) - partial_tag_length(text, START)
             delta, self.sent = text[self.sent:end], max(self.sent, end)
             return delta, []
         content, calls = parse_tool_calls(text)
