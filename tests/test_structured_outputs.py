@@ -113,3 +113,34 @@ def test_bad_constraints_are_400s_naming_the_field(http, body, field):
     r = chat(http, **body)
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     assert chat(http, max_tokens=2).status_code == 200  # the server serves on
+
+
+NESTED = {"type": "object", "properties": {
+    "owner": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["id"], "additionalProperties": False},
+    "colour": {"enum": ["red", "green", "blue"]},
+    "scores": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 1, "maxItems": 3},
+    "ok": {"type": "boolean"}},
+    "required": ["owner", "colour", "scores", "ok"], "additionalProperties": False}
+
+
+def validate_nested(value) -> None:
+    assert set(value) == {"owner", "colour", "scores", "ok"}
+    assert set(value["owner"]) == {"id"} and 1 <= value["owner"]["id"] <= 9
+    assert value["colour"] in ("red", "green", "blue") and isinstance(value["ok"], bool)
+    assert 1 <= len(value["scores"]) <= 3 and all(0 <= s <= 1 for s in value["scores"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_nested_enum_array_schema_through_the_server(http, stream):
+    body = dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": NESTED}},
+                max_tokens=200, temperature=0.8, seed=3, stream=stream)
+    r = chat(http, **body)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    else:
+        text = r.json()["choices"][0]["message"]["content"]
+    validate_nested(json.loads(text))
