@@ -230,7 +230,7 @@ class AsyncLLMEngine:
         bound = self.max_waiting_requests
 
         def add(engine: LLMEngine) -> RequestStream:
-            if bound is not None and engine.get_stats()["num_waiting_requests"] >= bound:
+            if bound is not None and engine.num_waiting_requests() >= bound:
                 raise EngineOverloaded(f"{bound} requests are waiting already (max_waiting_requests)")
             engine.add_request(prompt, params, request_id, stream=stream)
             self._streams[request_id] = handle

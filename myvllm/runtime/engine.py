@@ -162,6 +162,10 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def num_waiting_requests(self) -> int:
+        """Requests with a sequence not yet scheduled (waiting or preempted)."""
+        return len({seq.request_id for seq in self.scheduler.waiting})
+
     # ---- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -258,7 +262,7 @@ class LLMEngine:
         sched, bm = self.scheduler, self.block_manager
         return {
             "num_unfinished_requests": len(self.requests),
-            "num_waiting_requests": len({seq.request_id for seq in sched.waiting}),
+            "num_waiting_requests": self.num_waiting_requests(),
             "num_waiting_seqs": len(sched.waiting),
             "num_running_seqs": len(sched.running),
             "num_blocks": bm.num_blocks,

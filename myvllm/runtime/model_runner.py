@@ -38,7 +38,7 @@ from myvllm.runtime.scheduler import ScheduledBatch
 from myvllm.runtime.sequence import Sequence
 from myvllm.runtime.step_inputs import PromptLogprobRows, StepInputs, build_step_inputs, multi_pass_arrays
 from myvllm.sample.metadata import SamplingMetadata, SamplingMetadataBuilder
-from myvllm.sample.output import PassOutput, pass_output, prompt_entries
+from myvllm.sample.output import PassOutput, pass_output, prompt_entries, sampled_entries
 from myvllm.sample.sampler import Sampler, SamplerOutput, add_token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ class LaunchedBatch:
     host_outs: list[HostCopy] | None  # of every pass's SamplerOutput, when a row asks for logprobs
     host_prompt: HostCopy | None = None  # of the prompt tokens' logprobs (a SamplerOutput), if asked for
     prompt_rows: PromptLogprobRows | None = None  # which rows those are
+
+
+def _in_flight_columns(in_flight: LaunchedBatch | None, seqs: list[Sequence]) -> np.ndarray:
+    """Each seq's column in in_flight.tokens [num_passes, N], the batch computing its tokens in flight."""
+    assert in_flight is not None and in_flight.tokens is not None, "tokens in flight without their batch"
+    column = {in_flight.batch.seqs[r].seq_id: j for j, r in enumerate(in_flight.sample_rows)}
+    return np.array([column[s.seq_id] for s in seqs], dtype=np.int64)
 
 
 @contextlib.contextmanager
@@ -255,23 +262,14 @@ class ModelRunner:
 
     def _collect_passes(self, launched: LaunchedBatch) -> list[PassOutput]:
         self._await_workers()
-        batch = launched.batch
-        rows = launched.sample_rows
-        params = [batch.seqs[i].params for i in rows]
+        rows, n = launched.sample_rows, len(launched.batch.seqs)
         if launched.host_outs is not None:
-            return [pass_output(out.result(), params, rows, len(batch.seqs)) for out in launched.host_outs]
-        if launched.host_tokens is None:
-            return [pass_output(None, params, rows, len(batch.seqs))]
+            params = [launched.batch.seqs[i].params for i in rows]
+            return [pass_output(*sampled_entries(out.result(), params), rows, n) for out in launched.host_outs]
+        if launched.host_tokens is None:  # nothing sampled
+            return [pass_output([], [], rows, n)]
         per_pass = launched.host_tokens.result().tolist()  # [num_passes, N]: the batch's one host sync
-        if len(rows) == len(batch.seqs):  # every row samples (decode-only batches)
-            return [PassOutput(tokens, [None] * len(tokens)) for tokens in per_pass]
-        outputs = []
-        for tokens in per_pass:
-            spread: list[int | None] = [None] * len(batch.seqs)
-            for row, token in zip(rows, tokens):
-                spread[row] = token
-            outputs.append(PassOutput(spread, [None] * len(spread)))
-        return outputs
+        return [pass_output(tokens, [None] * len(tokens), rows, n) for tokens in per_pass]
 
     @torch.inference_mode()
     def forward_passes(self, inputs: StepInputs, num_passes: int, passes_kept: np.ndarray) -> None:
@@ -294,12 +292,10 @@ class ModelRunner:
         rows = [i for i, s in enumerate(batch.seqs) if s.num_inflight_tokens]
         if not rows:
             return None
-        assert in_flight is not None and in_flight.tokens is not None, "tokens in flight without their batch"
-        prev = in_flight.batch
-        column = {prev.seqs[r].seq_id: j for j, r in enumerate(in_flight.sample_rows)}
-        cols = np.array([column[batch.seqs[i].seq_id] for i in rows], dtype=np.int64)
-        prev_kept = np.asarray(prev.passes_kept, dtype=np.int64)[np.asarray(in_flight.sample_rows)]
-        flat = (prev_kept[cols] - 1) * in_flight.tokens.shape[1] + cols
+        cols = _in_flight_columns(in_flight, [batch.seqs[i] for i in rows])
+        # the last pass each kept: its tokens in flight are those passes'
+        kept = np.array([batch.seqs[i].num_inflight_tokens for i in rows], dtype=np.int64)
+        flat = (kept - 1) * in_flight.tokens.shape[1] + cols
         index = host_to_device(flat, self.device)
         return host_to_device(np.asarray(rows, dtype=np.int64), self.device), in_flight.tokens.view(-1)[index]
 
@@ -310,11 +306,8 @@ class ModelRunner:
         rows = [j for j, s in enumerate(seqs) if s.num_inflight_tokens]
         if not rows:
             return
-        assert in_flight is not None and in_flight.tokens is not None, "tokens in flight without their batch"
-        prev = in_flight.batch
-        column = {prev.seqs[r].seq_id: j for j, r in enumerate(in_flight.sample_rows)}
         counts = np.array([seqs[j].num_inflight_tokens for j in rows], dtype=np.int64)  # the passes each kept
-        cols = np.repeat([column[seqs[j].seq_id] for j in rows], counts)
+        cols = np.repeat(_in_flight_columns(in_flight, [seqs[j] for j in rows]), counts)
         passes = np.concatenate([np.arange(n) for n in counts])
         flat = host_to_device(passes * in_flight.tokens.shape[1] + cols, self.device)
         owners = host_to_device(np.repeat(np.asarray(rows, dtype=np.int64), counts), self.device)

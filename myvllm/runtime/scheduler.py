@@ -274,8 +274,7 @@ class Scheduler:
         st = self.stats
         st.num_batches += 1
         st.max_batch_seqs = max(st.max_batch_seqs, len(batch.seqs))
-        decodes = [c + 1 == len(s) and n == 1
-                   for s, n, c in zip(batch.seqs, batch.num_new_tokens, batch.num_computed_tokens)]
+        decodes = [samples and n == 1 for samples, n in zip(batch.sampling, batch.num_new_tokens)]
         if any(decodes) and not all(decodes):
             st.num_mixed_batches += 1
         if not all(batch.sampling):

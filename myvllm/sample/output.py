@@ -54,14 +54,15 @@ def prompt_entries(out: SamplerOutput, params: list[SamplingParams], owners: lis
     return by_row
 
 
-def pass_output(out: SamplerOutput | None, params: list[SamplingParams], sample_rows: list[int],
+def pass_output(token_ids: list[int], entries: list[TokenLogprobs | None], sample_rows: list[int],
                 num_seqs: int) -> PassOutput:
-    """Spread the sampled rows' results over the batch's num_seqs rows."""
+    """The sampled rows' tokens and logprob entries spread over the batch's num_seqs rows
+    (sample_rows: ascending, the batch row of each)."""
+    if len(sample_rows) == num_seqs:  # every row samples (decode-only batches)
+        return PassOutput(token_ids, entries)
     tokens: list[int | None] = [None] * num_seqs
     logprobs: list[TokenLogprobs | None] = [None] * num_seqs
-    if out is not None:
-        ids, entries = sampled_entries(out, params)
-        for row, token, lp in zip(sample_rows, ids, entries):
-            tokens[row] = token
-            logprobs[row] = lp
+    for row, token, lp in zip(sample_rows, token_ids, entries):
+        tokens[row] = token
+        logprobs[row] = lp
     return PassOutput(tokens, logprobs)
