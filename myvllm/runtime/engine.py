@@ -91,9 +91,8 @@ class LLMEngine:
                 self.workers.wait_ready()
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
-        self.processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len,
-                                        self.runner.num_blocks, config.kvcache_block_size, config.max_logprobs,
-                                        config.max_n, config.tensor_parallel_size)
+        self.processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, self.block_manager,
+                                        config.max_logprobs, config.max_n, config.tensor_parallel_size)
         stop_checker = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
         # Batches run ahead of the one in flight only without tensor parallelism, where the other
         # ranks would need the tokens in flight too.

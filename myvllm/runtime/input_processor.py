@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from myvllm.config import ModelConfig
+from myvllm.runtime.block_manager import BlockManager
 from myvllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -28,14 +29,13 @@ class ProcessedRequest:
 
 
 class InputProcessor:
-    def __init__(self, tokenizer, model_config: ModelConfig, max_model_len: int, max_prompt_blocks: int,
-                 block_size: int, max_logprobs: int, max_n: int, tensor_parallel_size: int = 1) -> None:
-        """max_prompt_blocks: KV blocks of the whole cache (a prompt needing more can never run)."""
+    def __init__(self, tokenizer, model_config: ModelConfig, max_model_len: int, block_manager: BlockManager,
+                 max_logprobs: int, max_n: int, tensor_parallel_size: int = 1) -> None:
+        """block_manager: read for the cache's size (a prompt needing more blocks can never run)."""
         self.tokenizer = tokenizer
         self.vocab_size = model_config.vocab_size
         self.max_model_len = max_model_len
-        self.max_prompt_blocks = max_prompt_blocks
-        self.block_size = block_size
+        self.block_manager = block_manager
         self.max_logprobs = max_logprobs
         self.max_n = max_n
         self.tensor_parallel_size = tensor_parallel_size
@@ -100,11 +100,12 @@ class InputProcessor:
                 f"prompt has {len(ids)} tokens: it must be shorter than max_model_len={self.max_model_len} "
                 f"(at most {self.max_model_len - 1} tokens)"
             )
-        need = -(-(len(ids) + 1) // self.block_size)
-        if need > self.max_prompt_blocks:
+        bm = self.block_manager
+        need = bm.blocks_for_tokens(len(ids) + 1)
+        if need > bm.num_blocks:
             raise ValueError(
                 f"prompt has {len(ids)} tokens and needs {need} KV blocks, but the cache has "
-                f"{self.max_prompt_blocks} in all"
+                f"{bm.num_blocks} in all"
             )
         return list(ids)
 
