@@ -97,3 +97,21 @@ def test_a_grammar_takes_each_token_once_and_stops_where_it_terminated(llms):
     assert not grammar.stops(len(ids) - 1) and grammar.stops(len(ids))
     grammar.accept(len(ids), ids[0])  # a pass after the end: ignored
     assert grammar.num_accepted == len(ids)
+
+
+def test_a_grammar_that_starts_after_a_text_is_free_until_it(llms):
+    windowed, _ = llms
+    tok = windowed.engine.tokenizer
+    grammar = windowed.engine.structured.grammar(StructuredOutputsParams(choice=["ab"], starts_after="wizards"))
+    free = tok.encode("seven blue", add_special_tokens=False)
+    start = tok.encode("wizards", add_special_tokens=False)
+    ab = tok.encode("ab", add_special_tokens=False)
+    tokens = free + start + ab
+    for i, t in enumerate(free + start):
+        assert grammar.constrains is False
+        grammar.accept(i, t)  # anything goes: the matcher takes none of these
+    assert grammar.constrains
+    for i, t in enumerate(ab, len(free + start)):
+        grammar.accept(i, t)
+    grammar.accept(len(tokens), tok.convert_tokens_to_ids("<|im_end|>"))
+    assert grammar.terminated_at == len(tokens) + 1

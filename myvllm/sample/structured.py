@@ -71,7 +71,11 @@ class StructuredOutputs:
 
     def grammar(self, spec: StructuredOutputsParams) -> Grammar:
         """A fresh Grammar (matcher plus token count) of spec, for one sequence."""
-        return Grammar(self.matcher(spec))
+        matcher = self.matcher(spec)
+        after = None
+        if spec.starts_after is not None:
+            after = self.tokenizer.encode(spec.starts_after, add_special_tokens=False)
+        return Grammar(matcher, after)
 
     def _compile(self, spec: StructuredOutputsParams):
         xgr = _xgrammar()
@@ -110,13 +114,22 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 
 class Grammar:
-    """One constrained sequence's matcher, the number of its output tokens the matcher has
-    taken, and after how many tokens it terminated (None while it has not)."""
+    """One constrained sequence's matcher, the number of its output tokens it has taken, and
+    after how many tokens it terminated (None while it has not). With starts_after (token
+    ids), the output is free until those tokens have come, in a row; the matcher takes the
+    tokens after them."""
 
-    def __init__(self, matcher) -> None:
+    def __init__(self, matcher, starts_after: list[int] | None = None) -> None:
         self.matcher = matcher
         self.num_accepted = 0
         self.terminated_at: int | None = None
+        self.waiting_for = starts_after or None  # the tokens that start the constraint; None once they came
+        self._tail: list[int] = []  # the last output tokens, while waiting
+
+    @property
+    def constrains(self) -> bool:
+        """Whether the next token is constrained (the grammar is active and not terminated)."""
+        return self.waiting_for is None and self.terminated_at is None
 
     def accept(self, index: int, token: int) -> None:
         """Take the sequence's output token number `index` (0-based). A token taken already, or
@@ -125,6 +138,11 @@ class Grammar:
             return
         assert index == self.num_accepted, f"grammar at token {self.num_accepted} was given token {index}"
         self.num_accepted += 1
+        if self.waiting_for is not None:
+            self._tail = (self._tail + [token])[-len(self.waiting_for):]
+            if self._tail == self.waiting_for:
+                self.waiting_for = None
+            return
         if not self.matcher.accept_token(token):
             # cannot happen for a token sampled under this matcher's bitmask; end the output there
             logger.error("the grammar refused token %d at output position %d; the sequence stops", token, index)
@@ -159,8 +177,9 @@ class GrammarWindow:
     taken (pass k-1's, or for k = 0 the last pass of the batch in flight before), fills the
     rows' bitmask for pass k on the host and copies them into `bitmask` on the device. After
     it samples: sampled(k, tokens) starts copying the constrained rows' tokens to the host.
-    Row i takes the tokens of its first passes_kept[i] passes only; a terminated grammar, or a
-    pass past those, allows every token (the sequence drops those tokens).
+    Row i takes the tokens of its first passes_kept[i] passes only. A grammar still waiting for
+    its start allows every token; so do a terminated grammar and a pass past those (the
+    sequence drops their tokens).
     """
 
     def __init__(self, grammars: list[Grammar | None], first_index: list[int], passes_kept: list[int],
@@ -192,7 +211,7 @@ class GrammarWindow:
         self.finish()
         live, rows = [], []
         for j, (g, kept, first) in enumerate(zip(self.grammars, self.kept, self.first_index)):
-            if k >= kept or g.terminated_at is not None:
+            if k >= kept or not g.constrains:
                 self.host[j].fill_(-1)
                 continue
             assert g.num_accepted == first + k, f"grammar at token {g.num_accepted}, pass {k} samples {first + k}"
