@@ -115,3 +115,20 @@ def test_a_grammar_that_starts_after_a_text_is_free_until_it(llms):
         grammar.accept(i, t)
     grammar.accept(len(tokens), tok.convert_tokens_to_ids("<|im_end|>"))
     assert grammar.terminated_at == len(tokens) + 1
+
+
+def test_tensor_parallel_constrained_windows_equal_one_rank(llms, tiny_model_dir):
+    _, single = llms
+    params = [constrained(StructuredOutputsParams(regex=DIGITS), temperature=0),
+              constrained(StructuredOutputsParams(json=SCHEMA), temperature=1.0, seed=3),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
+    prompts = PROMPTS[:3]
+    expected = run_checked(single, prompts, params)
+    tp = LLM(tiny_model_dir, kvcache_block_size=16, max_model_len=256, num_decode_passes=8,
+             tensor_parallel_size=2, **SMALL_KV)
+    try:
+        stats = RunStats()
+        assert completions(run_checked(tp, prompts, params, stats)) == completions(expected)
+        assert stats.steps <= 10, stats  # windows of 8 passes over the 46 digit tokens
+    finally:
+        tp.shutdown()

@@ -270,8 +270,9 @@ class ModelRunner:
         if all(s.grammar is None for s in seqs):
             return None
         before = in_flight.grammar if in_flight is not None else None
+        watch = self.workers.check if self.workers is not None and self.device.type == "cuda" else None
         return GrammarWindow([s.grammar for s in seqs], [s.num_output_tokens for s in seqs], passes_kept,
-                             self.model_config.vocab_size, self.device, self.bitmask_filler, before)
+                             self.model_config.vocab_size, self.device, self.bitmask_filler, before, watch)
 
     def collect(self, launched: LaunchedBatch) -> list[PassOutput]:
         """The sampled tokens of a launched batch, one PassOutput per pass (waits for them); the

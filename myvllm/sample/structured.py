@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,9 @@ from myvllm.runtime.host_copy import HostCopy, host_to_device
 from myvllm.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
+
+# How often a window that waits for its tokens checks the tensor-parallel workers (when it has some).
+WATCH_INTERVAL_S = 0.002
 
 
 def _xgrammar():
@@ -184,10 +189,12 @@ class GrammarWindow:
 
     def __init__(self, grammars: list[Grammar | None], first_index: list[int], passes_kept: list[int],
                  vocab_size: int, device: torch.device, filler: BitmaskFiller,
-                 before: GrammarWindow | None = None) -> None:
+                 before: GrammarWindow | None = None, watch: Callable[[], None] | None = None) -> None:
         """grammars: per sampled row, None if unconstrained; first_index: per row, the output
         index of the token its first pass samples (tokens in flight included); before: the
-        window of the batch in flight, whose last tokens the first pass needs."""
+        window of the batch in flight, whose last tokens the first pass needs; watch: called
+        now and then while waiting for tokens (it raises if a tensor-parallel worker died,
+        whose collectives the device would otherwise wait for forever)."""
         self.rows = [i for i, g in enumerate(grammars) if g is not None]
         self.grammars = [grammars[i] for i in self.rows]
         self.first_index = [first_index[i] for i in self.rows]
@@ -196,6 +203,7 @@ class GrammarWindow:
         self.device = device
         self.filler = filler
         self.before = before
+        self.watch = watch
         self.rows_d = host_to_device(np.asarray(self.rows, dtype=np.int64), device)
         xgr = _xgrammar()
         self.host = xgr.allocate_token_bitmask(len(self.rows), vocab_size)  # [C, W] int32
@@ -235,6 +243,13 @@ class GrammarWindow:
             return
         k, copy = self._pending
         self._pending = None
+        if self.watch is not None:
+            next_check = time.monotonic()
+            while not copy.done():
+                if time.monotonic() >= next_check:
+                    self.watch()
+                    next_check = time.monotonic() + WATCH_INTERVAL_S
+                time.sleep(0)
         for g, kept, first, token in zip(self.grammars, self.kept, self.first_index, copy.result().tolist()):
             if k < kept:
                 g.accept(first + k, token)
