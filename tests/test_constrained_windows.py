@@ -132,3 +132,24 @@ def test_tensor_parallel_constrained_windows_equal_one_rank(llms, tiny_model_dir
         assert stats.steps <= 10, stats  # windows of 8 passes over the 46 digit tokens
     finally:
         tp.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_cuda_constrained_windows_equal_single_pass(tiny_model_dir, enforce_eager):
+    """On CUDA (graphs or eager, the fused sampler, pinned copies and events between passes),
+    float32: windowed and scheduled ahead equals one pass per step."""
+    cuda = dict(kvcache_block_size=16, max_model_len=256, dtype="float32", gpu_memory_utilization=0.3,
+                enforce_eager=enforce_eager)
+    single = LLM(tiny_model_dir, num_decode_passes=1, async_scheduling=False, **cuda)
+    expected = run_checked(single, PROMPTS, PARAMS)
+    single.shutdown()
+    windowed = LLM(tiny_model_dir, num_decode_passes=8, async_scheduling=True, **cuda)
+    stats = RunStats()
+    got = run_checked(windowed, PROMPTS, PARAMS, stats)
+    windowed.shutdown()
+    assert completions(got) == completions(expected)
+    for c in got[1].outputs + got[3].outputs:
+        assert set(json.loads(c.text)) == {"name", "tags", "age"}, c.text
+    assert re.fullmatch(DIGITS, got[4].outputs[0].text)
+    assert stats.steps <= 12, stats
