@@ -199,7 +199,6 @@ class GrammarWindow:
         self.grammars = [grammars[i] for i in self.rows]
         self.first_index = [first_index[i] for i in self.rows]
         self.kept = [passes_kept[i] for i in self.rows]
-        self.vocab_size = vocab_size
         self.device = device
         self.filler = filler
         self.before = before
