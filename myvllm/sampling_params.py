@@ -70,7 +70,9 @@ class StructuredOutputsParams:
     """A constraint on the output (vLLM's names), exactly one of: json (a JSON schema, as a dict
     or a JSON string), json_object (any JSON object), regex, choice (one of these strings),
     grammar (an EBNF grammar, xgrammar's dialect). field_name: the request field that set it,
-    named in errors (the server's response_format, say)."""
+    named in errors (the server's response_format, say). starts_after: text (a reasoning
+    model's "</think>") before whose first appearance the output is free; the constraint
+    holds from the token after it (matched as the tokenizer encodes the text alone)."""
 
     json: dict | str | None = None
     regex: str | None = None
@@ -78,6 +80,7 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool = False
     field_name: str = "structured_outputs"
+    starts_after: str | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
@@ -95,6 +98,8 @@ class StructuredOutputsParams:
         if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
                                         or not all(isinstance(c, str) and c for c in self.choice)):
             raise _type_error(f"{self.field_name}.choice", self.choice, "a non-empty list of non-empty str")
+        if self.starts_after is not None and (not isinstance(self.starts_after, str) or not self.starts_after):
+            raise _type_error(f"{self.field_name}.starts_after", self.starts_after, "None or a non-empty str")
 
 
 def _reject_unknown_keywords(cls):

@@ -1,5 +1,5 @@
 """The hermes tool-call parser (whole and streamed replies), the chat message built from a reply,
-and tools through the chat server."""
+tools through the chat server, and forced calls (tool_choice "required" or a named function)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import pytest
 from engine_utils import in_process_server
 
+from myvllm import SamplingParams
 from myvllm.entrypoints.parsers.tool_calls import ToolCallStream, parse_tool_calls
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n</tool_call>'
@@ -94,10 +95,93 @@ def test_tools_need_a_tool_call_parser(servers):
     assert post(plain, tools=TOOLS, tool_choice="none").status_code == 200
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_forced_tool_choices_are_refused_for_now(servers, choice):
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["oslo", "rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                 "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def check_weather(args: dict) -> None:
+    assert set(args) == {"city", "days"} and args["city"] in ("oslo", "rome") and 1 <= args["days"] <= 7, args
+
+
+@pytest.mark.parametrize("with_parser", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_function_is_called_with_valid_arguments(servers, stream, with_parser):
+    http = servers[1] if with_parser else servers[0]  # a forced call needs no tool-call parser
+    r = post(http, tools=[TIME_TOOL, WEATHER_TOOL], max_tokens=60, ignore_eos=False, stream=stream,
+             tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        calls = [call for c in chunks for call in c["choices"][0]["delta"].get("tool_calls", [])]
+        assert not "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        finish = chunks[-1]["choices"][0]["finish_reason"]
+    else:
+        choice = r.json()["choices"][0]
+        calls, finish = choice["message"]["tool_calls"], choice["finish_reason"]
+        assert choice["message"]["content"] is None
+    assert finish == "tool_calls" and [c["function"]["name"] for c in calls] == ["get_weather"]
+    check_weather(json.loads(calls[0]["function"]["arguments"]))
+
+
+def test_required_calls_one_of_the_tools(servers):
     _, tools = servers
-    r = post(tools, tools=TOOLS, tool_choice=choice)
+    for seed in range(4):
+        # one call (the random model would go on adding calls to the array)
+        r = post(tools, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", max_tokens=120, ignore_eos=False,
+                 temperature=1.0, seed=seed, parallel_tool_calls=False)
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and len(choice["message"]["tool_calls"]) == 1, r.text
+        for call in choice["message"]["tool_calls"]:
+            args = json.loads(call["function"]["arguments"])
+            if call["function"]["name"] == "get_weather":
+                check_weather(args)
+            else:
+                assert call["function"]["name"] == "get_time" and args["zone"] in ("UTC", "CET"), call
+
+
+def test_a_call_cut_by_max_tokens_stays_content(servers):
+    _, tools = servers
+    r = post(tools, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=3)
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"], r.text
+    assert choice["message"]["content"].startswith("[{")
+
+
+def test_a_forced_call_after_reasoning(tiny_model_dir, one_thread):
+    pytest.importorskip("fastapi")
+    from myvllm.entrypoints.parsers.reasoning import END
+    from myvllm.entrypoints.tool_choice import ForcedToolChoice
+
+    # thinking off: the call is the whole content, no reasoning
+    with in_process_server(tiny_model_dir, reasoning_parser="qwen3") as http:
+        r = post(http, tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                 max_tokens=60, ignore_eos=False, chat_template_kwargs={"enable_thinking": False})
+    message = r.json()["choices"][0]["message"]
+    assert message.get("reasoning_content") is None and message["content"] is None, r.text
+    check_weather(json.loads(message["tool_calls"][0]["function"]["arguments"]))
+    # thinking on: the constraint starts after </think>
+    forced = ForcedToolChoice("get_weather", {"get_weather": WEATHER_TOOL["function"]["parameters"]})
+    assert forced.constrain(SamplingParams(), True).structured_outputs.starts_after == END
+    assert forced.constrain(SamplingParams(), False).structured_outputs.starts_after is None
+
+
+@pytest.mark.parametrize("body", [
+    dict(tool_choice="required"),  # no tools
+    dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}),
+    dict(tools=TOOLS, tool_choice="sometimes"),
+    dict(tools=TOOLS, tool_choice="required", guided_choice=["a", "b"]),
+    dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 3}}}],
+         tool_choice="required"),
+])
+def test_bad_forced_tool_choices_are_400s(servers, body):
+    _, tools = servers
+    r = post(tools, **body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
 
 

@@ -52,6 +52,7 @@ from myvllm.entrypoints.openai_protocol import (
 )
 from myvllm.entrypoints.parsers.reasoning import REASONING_PARSERS, ReasoningStream, split_reasoning
 from myvllm.entrypoints.parsers.tool_calls import TOOL_CALL_PARSERS, ToolCallStream, parse_tool_calls
+from myvllm.entrypoints.tool_choice import ForcedToolChoice, forced_tool_choice
 from myvllm.outputs import RequestOutput
 from myvllm.runtime.engine import LLMEngine
 from myvllm.runtime.generation_defaults import apply_defaults
@@ -270,7 +271,10 @@ class _Server:
         # with a reasoning parser: thinking is on unless the template is told otherwise
         thinking = None if self.reasoning_parser is None else kwargs.get("enable_thinking", True) is not False
         tools = bool(req.tools) and req.tool_choice != "none"
-        if tools and self.tool_call_parser is None:
+        forced = forced_tool_choice(req)  # "required" or a named function: a constraint, no parser needed
+        if forced is not None:
+            params = forced.constrain(params, thinking)
+        if tools and forced is None and self.tool_call_parser is None:
             raise bad_request("tools need a server started with --enable-auto-tool-choice --tool-call-parser hermes",
                               "tools", "unsupported")
         if tools:
@@ -280,7 +284,7 @@ class _Server:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._add([prompt], params, rid, "messages", True, req.stream)
         if req.stream:
-            return _EventStream(self._chat_events(req, params, rid, streams[0], thinking, tools), streams)
+            return _EventStream(self._chat_events(req, params, rid, streams[0], thinking, tools, forced), streams)
         finals = await _until_done_or_disconnect(request, _collect(streams))
         if finals is None:
             return Response(status_code=CLIENT_CLOSED)
@@ -289,7 +293,7 @@ class _Server:
         for c in out.outputs:
             lps = (chat_logprobs(c.token_ids, c.logprobs, params.logprobs)
                    if params.logprobs is not None and c.logprobs is not None else None)
-            message, finish = reply_message(c.text, c.finish_reason, thinking, tools)
+            message, finish = reply_message(c.text, c.finish_reason, thinking, tools, forced)
             choices.append({"index": c.index, "message": message,
                             "logprobs": lps, "finish_reason": finish, "stop_reason": c.stop_reason})
         num_out = sum(len(c.token_ids) for c in out.outputs)
@@ -298,17 +302,20 @@ class _Server:
 
     async def _chat_events(self, req: ChatCompletionRequest, params: SamplingParams, rid: str,
                            stream: RequestStream, thinking: bool | None = None,
-                           tools: bool = False) -> AsyncIterator[dict]:
+                           tools: bool = False, forced: ForcedToolChoice | None = None) -> AsyncIterator[dict]:
         """The chunks of a streamed chat; with thinking not None (a reasoning parser), text goes
         out as delta.reasoning_content until </think>, then as delta.content; with tools, the
-        content from the first <tool_call> on is held back and sent as delta.tool_calls at the end."""
+        content from the first <tool_call> on is held back and sent as delta.tool_calls at the end
+        (under a forced tool choice, all of the content)."""
         created = now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         deltas = [ChoiceDelta(params) for _ in range(params.n)]
         reasoning = [ReasoningStream(thinking) for _ in range(params.n)] if thinking is not None else None
         texts = [""] * params.n
         answers = [""] * params.n
-        tool_streams = [ToolCallStream() for _ in range(params.n)] if tools else None
+        tool_streams = None
+        if tools:
+            tool_streams = [forced.stream() if forced is not None else ToolCallStream() for _ in range(params.n)]
         for index in range(params.n):
             yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
@@ -402,15 +409,17 @@ def _as_engine_prompt(prompt: str | list[int]) -> str | dict:
     return {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
 
 
-def reply_message(text: str, finish_reason: str | None, thinking: bool | None,
-                  tools: bool) -> tuple[dict[str, Any], str | None]:
+def reply_message(text: str, finish_reason: str | None, thinking: bool | None, tools: bool,
+                  forced: ForcedToolChoice | None = None) -> tuple[dict[str, Any], str | None]:
     """(chat message, finish_reason) of a whole reply: reasoning split off when thinking is not
-    None, tool calls parsed when tools are on (finish_reason "tool_calls" when there are some)."""
+    None, tool calls parsed when tools are on (finish_reason "tool_calls" when there are some):
+    hermes blocks, or the JSON of a forced tool choice."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if thinking is not None:
         message["reasoning_content"], message["content"] = split_reasoning(text, thinking)
     if tools:
-        message["content"], calls = parse_tool_calls(message["content"] or "")
+        parse = forced.parse if forced is not None else parse_tool_calls
+        message["content"], calls = parse(message["content"] or "")
         if calls:
             message["tool_calls"] = calls
             finish_reason = "tool_calls"

@@ -150,13 +150,11 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request(f"tool_choice={self.tool_choice!r} is not supported yet (it needs structured outputs): "
-                              f"use 'auto' or 'none'", "tool_choice", "unsupported")
         kind = None if self.response_format is None else self.response_format.get("type")
         if kind not in (None, "text", "json_object", "json_schema"):
             raise bad_request(f"response_format type {kind!r} is not supported: use text, json_object or json_schema",
@@ -289,7 +287,7 @@ def request_field(message: str, is_chat: bool, prompt_field: str = "prompt") -> 
         return "max_completion_tokens"
     if name == "logprobs" and is_chat:
         return "top_logprobs"
-    if name in STRUCTURED_FIELDS:
+    if name in STRUCTURED_FIELDS or name == "tool_choice":
         return name
     if name in ("prompt", "text") or name not in SamplingParams.__dataclass_fields__:
         return prompt_field

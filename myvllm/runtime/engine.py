@@ -129,7 +129,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = request.params
         spec = params.structured_outputs
-        matchers = [self.structured.matcher(spec) for _ in range(params.n)] if spec is not None else None
+        grammars = [self.structured.grammar(spec) for _ in range(params.n)] if spec is not None else None
         state = RequestState(request_id, request.prompt, request.prompt_token_ids, params, stream=stream)
         banned = sorted(set(params.stop_token_ids or []) | (set() if params.ignore_eos else self.eos_token_ids))
         arrival = next(self._arrivals)
@@ -138,7 +138,7 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, request.prompt_token_ids, params, index=i, seed=seed,
                            arrival=arrival)
             seq.min_tokens_banned = banned if params.min_tokens else []
-            seq.grammar = matchers[i] if matchers is not None else None
+            seq.grammar = grammars[i] if grammars is not None else None
             state.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = state

@@ -50,6 +50,10 @@ class HostCopy:
             self._event = torch.cuda.Event()
             self._event.record()
 
+    def done(self) -> bool:
+        """Whether the copy has landed (result() would not wait)."""
+        return self._event is None or self._event.query()
+
     def result(self):
         if self._event is not None:
             self._event.synchronize()

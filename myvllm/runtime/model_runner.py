@@ -6,7 +6,10 @@ sample/metadata.py. `execute` launches a batch and returns without waiting for t
 device; `collect` reads its sampled tokens back (one device-to-host copy per batch, plus
 the logprobs when a request asks), so the host can prepare the next batch meanwhile.
 A decode-only batch may run several forward passes: pass k+1 reads the tokens pass k
-sampled, on the device.
+sampled, on the device. A batch with constrained rows (structured outputs) also waits, before
+sampling pass k+1 and after launching its forward, for those rows' tokens of pass k alone, so
+that their grammars give the next bitmask (sample/structured.py, GrammarWindow); a batch
+without them syncs once, when it is collected.
 
 Under tensor parallelism every rank has a runner holding its shard of the model
 and of the KV cache. Rank 0's (in the engine's process) sends each batch's inputs to
@@ -40,6 +43,7 @@ from myvllm.runtime.step_inputs import PromptLogprobRows, StepInputs, build_step
 from myvllm.sample.metadata import SamplingMetadata, SamplingMetadataBuilder
 from myvllm.sample.output import PassOutput, pass_output, prompt_entries, sampled_entries
 from myvllm.sample.sampler import Sampler, SamplerOutput, add_token_logprobs
+from myvllm.sample.structured import BitmaskFiller, GrammarWindow
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class LaunchedBatch:
     host_outs: list[HostCopy] | None  # of every pass's SamplerOutput, when a row asks for logprobs
     host_prompt: HostCopy | None = None  # of the prompt tokens' logprobs (a SamplerOutput), if asked for
     prompt_rows: PromptLogprobRows | None = None  # which rows those are
+    grammar: GrammarWindow | None = None  # the constrained rows' grammars, when there are some
 
 
 def _in_flight_columns(in_flight: LaunchedBatch | None, seqs: list[Sequence]) -> np.ndarray:
@@ -108,6 +113,7 @@ class ModelRunner:
         logger.info("model built and loaded in %.2f s (%s, %s)", time.perf_counter() - start, self.dtype, self.device)
         self.sampler = Sampler()
         self.sampling = SamplingMetadataBuilder(self.device, model_config.vocab_size, config.seed)
+        self.bitmask_filler = BitmaskFiller()
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.num_blocks = self._allocate_kv_cache()
         if self.device.type == "cuda":
@@ -239,21 +245,41 @@ class ModelRunner:
         meta = self.sampling.build(seqs, batch.num_passes)
         if meta.output_counts is not None:
             self._count_in_flight_tokens(meta, seqs, in_flight)
+        grammar = self._grammar_window(seqs, [batch.passes_kept[i] for i in sample_rows], in_flight)
+        if grammar is not None:
+            meta.grammar_bitmask = grammar.bitmask
         outs: list[SamplerOutput] = []
 
         def sample(k: int, logits: torch.Tensor) -> torch.Tensor:
+            if grammar is not None:  # pass k's forward is launched: the host fills its bitmask meanwhile
+                grammar.fill(k)
             outs.append(self.sampler(logits, meta, k))
+            if grammar is not None:
+                grammar.sampled(k, outs[-1].token_ids)
             return outs[-1].token_ids
 
         prompt = self._run_passes(inputs, batch.num_passes, kept, sample, first_ids)
         tokens = torch.stack([o.token_ids for o in outs])
         host_outs = [HostCopy(o) for o in outs] if meta.num_logprobs is not None else None
-        return LaunchedBatch(batch, sample_rows, tokens, HostCopy(tokens), host_outs, prompt, inputs.prompt_logprobs)
+        return LaunchedBatch(batch, sample_rows, tokens, HostCopy(tokens), host_outs, prompt, inputs.prompt_logprobs,
+                             grammar)
+
+    def _grammar_window(self, seqs: list[Sequence], passes_kept: list[int],
+                        in_flight: LaunchedBatch | None) -> GrammarWindow | None:
+        """The GrammarWindow of the sampled seqs, None when none is constrained."""
+        if all(s.grammar is None for s in seqs):
+            return None
+        before = in_flight.grammar if in_flight is not None else None
+        watch = self.workers.check if self.workers is not None and self.device.type == "cuda" else None
+        return GrammarWindow([s.grammar for s in seqs], [s.num_output_tokens for s in seqs], passes_kept,
+                             self.model_config.vocab_size, self.device, self.bitmask_filler, before, watch)
 
     def collect(self, launched: LaunchedBatch) -> list[PassOutput]:
         """The sampled tokens of a launched batch, one PassOutput per pass (waits for them); the
         first also carries the prompt logprobs the batch computed."""
         outputs = self._collect_passes(launched)
+        if launched.grammar is not None:  # the matchers take the last pass's tokens (if no later batch did)
+            launched.grammar.finish()
         if launched.host_prompt is not None:
             prompt = launched.prompt_rows
             params = [launched.batch.seqs[i].params for i in prompt.owners]

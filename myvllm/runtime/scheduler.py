@@ -230,7 +230,7 @@ class Scheduler:
         bm = self.block_manager
         need = 0
         for s in self.running:
-            if s.num_uncomputed_tokens != 1 or s.grammar is not None:  # a grammar needs its last token
+            if s.num_uncomputed_tokens != 1:
                 return False
             need += bm.num_new_blocks(s, 1)
         return need <= bm.num_free_blocks
@@ -246,14 +246,14 @@ class Scheduler:
 
         Sequence i keeps the tokens of its first passes_kept[i] passes: no more than its
         max_tokens or max_model_len allow. Sequences still under min_tokens (whose stop
-        tokens are banned per token) and constrained ones (whose grammar takes each token on the
-        host) keep single passes.
+        tokens are banned per token) keep single passes. Constrained ones run the window too:
+        the model runner advances their grammars pass by pass.
         """
         bm = self.block_manager
         kept = []
         for seq in batch.seqs:
             p = seq.params
-            if seq.num_output_tokens < p.min_tokens or seq.grammar is not None:
+            if seq.num_output_tokens < p.min_tokens:
                 return
             n = min(self.num_decode_passes, self.max_model_len - len(seq))
             if p.max_tokens is not None:
@@ -309,7 +309,8 @@ class Scheduler:
                 continue
             tokens = [outputs[k].token_ids[i] for k in range(kept)]
             p = seq.params
-            if seq.logprobs is None and p.ignore_eos and not p.stop_token_ids and not p.stop_list:
+            if (seq.logprobs is None and p.ignore_eos and not p.stop_token_ids and not p.stop_list
+                    and seq.grammar is None):
                 # only a length can stop it, and the batch ends at or before that length
                 self._receive(seq, tokens)
                 self._check_stop(seq)
@@ -330,9 +331,6 @@ class Scheduler:
         assert len(tokens) <= seq.num_inflight_tokens, f"{seq}: {len(tokens)} tokens for {seq.num_inflight_tokens}"
         seq.token_ids.extend(tokens)
         seq.num_inflight_tokens -= len(tokens)
-        if seq.grammar is not None and not seq.grammar.is_terminated():
-            for t in tokens:
-                seq.grammar.accept_token(t)
         self.block_manager.cache_full_blocks(seq)
 
     def _check_stop(self, seq: Sequence) -> bool:

@@ -4,7 +4,8 @@ A request with n > 1 becomes n sequences that share the request id.
 
 Who writes what: the engine makes a sequence (its prompt, params, seed, arrival); the
 scheduler writes its status, computed and in-flight token counts, received tokens,
-logprobs, finish / stop reasons and advances its grammar matcher; the block manager its block table and block hashes
+logprobs, finish / stop reasons; the model runner's GrammarWindow (sample/structured.py)
+advances its grammar as the tokens are sampled; the block manager its block table and block hashes
 (and the computed count it finds in the prefix cache); the stop checker its stop_state
 and output_text. Every other module only reads it.
 
@@ -79,7 +80,7 @@ class Sequence:
         self.stop_state: StopState | None = None  # set when text is needed while running
         self.min_tokens_banned: list[int] = []  # ids that cannot be sampled before min_tokens
         self.output_text: str | None = None
-        self.grammar = None  # an xgrammar matcher when the output is constrained (structured_outputs)
+        self.grammar = None  # a sample.structured.Grammar when the output is constrained (structured_outputs)
 
     def __len__(self) -> int:
         return len(self.token_ids) + self.num_inflight_tokens

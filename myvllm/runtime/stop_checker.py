@@ -30,7 +30,7 @@ class StopChecker:
                 hit = self._check_stop_strings(seq)
                 if hit is not None:
                     return "stop", hit
-        if seq.grammar is not None and seq.grammar.is_terminated():  # the constrained output is complete
+        if seq.grammar is not None and seq.grammar.stops(num_out):  # the constrained output is complete
             return "stop", None
         if p.max_tokens is not None and num_out >= p.max_tokens:
             return "length", None

@@ -24,7 +24,6 @@ import torch
 
 from myvllm.runtime.host_copy import host_to_device
 from myvllm.runtime.sequence import Sequence
-from myvllm.sample.structured import token_bitmask
 
 # Seeds of the fused sampler (62-bit, so they and their increments fit int64): SEED_MIX spreads
 # user seeds apart, and each sampling pass of the engine owns ROWS_PER_PASS consecutive seeds.
@@ -58,7 +57,9 @@ class SamplingMetadata:
     presence_penalties: torch.Tensor | None = None  # [N] float32
     frequency_penalties: torch.Tensor | None = None  # [N] float32
     repetition_penalties: torch.Tensor | None = None  # [N] float32
-    grammar_bitmask: torch.Tensor | None = None  # [N, ceil(V / 32)] int32: tokens constrained rows allow
+    # [N, ceil(V / 32)] int32: the tokens each row allows in the pass being sampled (all on unconstrained
+    # rows); set and refilled before every pass by the batch's GrammarWindow (sample/structured.py)
+    grammar_bitmask: torch.Tensor | None = None
 
 
 class SamplingMetadataBuilder:
@@ -81,13 +82,11 @@ class SamplingMetadataBuilder:
         penalties = any(p.has_penalties for p in params)
         if penalties:
             self._add_penalties(meta, seqs)
-        constrained = any(s.grammar is not None for s in seqs)
-        if constrained:
-            meta.grammar_bitmask = token_bitmask([s.grammar for s in seqs], self.vocab_size, dev)
         if not meta.all_greedy:
             temps = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
-            # penalised or constrained logits are float32 copies: they take the torch path
-            masked = penalties or constrained or any(p.top_k_enabled or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+            # penalised logits take the torch path; constrained ones stay fused (the kernel reads any
+            # float dtype, and a forbidden token's -inf never wins)
+            masked = penalties or any(p.top_k_enabled or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
             if dev.type == "cuda" and not masked:
                 temps[greedy] = 0.0
                 meta.fused_temperatures = host_to_device(temps, dev)
