@@ -2,6 +2,8 @@
 burst unconstrained, in one process.
 
     python benchmarks/constrained_burst.py --model ./huggingface/Qwen3-0.6B [--json out.json]
+    python benchmarks/make_bench_tokenizer.py /tmp/tok && \
+        python benchmarks/constrained_burst.py --model dummy:qwen3-0.6b --tokenizer /tmp/tok
 
 The burst is bench.py's seed workload (256 prompts of random token ids, temperature 0.6,
 ignore_eos). Every tenth request is constrained by SCHEMA (a bounded object: its output ends
@@ -13,7 +15,8 @@ with the stop token the grammar forces, after a few dozen tokens). Each round ru
   3. the plain unconstrained burst (the seed workload as bench.py runs it), for reference.
 The best time of --rounds rounds counts. Prefix caching is off, so that a later run does not
 reuse an earlier run's prompts. Target: ratio (constrained / matched) >= 0.9.
-Needs a tokenizer (a real checkpoint) and xgrammar.
+Needs xgrammar and a tokenizer: a real checkpoint's, or for random weights (`dummy:` models)
+one of Qwen3's size from benchmarks/make_bench_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-seqs", type=int, default=bench.GPU_WORKLOAD["num_seqs"])
     parser.add_argument("--max-input-len", type=int, default=bench.GPU_WORKLOAD["max_input_len"])
     parser.add_argument("--max-output-len", type=int, default=bench.GPU_WORKLOAD["max_output_len"])
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--num-decode-passes", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the three bursts; the best time counts")
@@ -74,8 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args(argv)
 
-    llm = LLM(args.model, max_model_len=args.max_model_len, kvcache_block_size=256, device=args.device,
-              dtype=args.dtype, num_decode_passes=args.num_decode_passes, enable_prefix_caching=False)
+    load_format = "dummy" if args.model.startswith("dummy:") else "auto"
+    llm = LLM(args.model, tokenizer=args.tokenizer, load_format=load_format, max_model_len=args.max_model_len,
+              kvcache_block_size=256, device=args.device, dtype=args.dtype, num_decode_passes=args.num_decode_passes,
+              enable_prefix_caching=False)
     vocab_size = llm.engine.model_config.vocab_size
     prompts, plain = bench.workload(args.num_seqs, args.max_input_len, args.max_output_len, args.seed, vocab_size)
     rows = list(range(0, len(prompts), CONSTRAINED_EVERY))
