@@ -91,6 +91,15 @@ def test_tp2_matches_tp1(dirs, reference):
         assert out.outputs[0].token_ids == ref, f"prompt {i}: {out.outputs[0].token_ids} != {ref}"
 
 
+def test_float32_scales_load_as_bf16_ones_do(dirs):
+    tensors = {n: t.float() if n.endswith("_scale_inv") else t for n, t in dirs["tensors"].items()}
+    ours = model_of(LLM(broken(dirs, "fp32-scales", tensors), **SMALL_KV)).state_dict()
+    reference = model_of(LLM(dirs["fp8"], **SMALL_KV)).state_dict()
+    assert ours.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(ours[name].float(), value.float()), name
+
+
 def broken(dirs, name: str, tensors: dict) -> str:
     return write_fp8_checkpoint(dirs["src"], str(dirs["root"] / name), tensors)
 

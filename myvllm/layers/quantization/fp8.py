@@ -88,7 +88,10 @@ class Fp8LinearMethod:
 
         def weight_loader(param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
             _check_dtype("weight", loaded, (FP8_DTYPE,))
-            layer.weight_loader(param, loaded, *(() if shard_id is None else (shard_id,)))
+            if shard_id is None:
+                layer.weight_loader(param, loaded)
+            else:
+                layer.weight_loader(param, loaded, shard_id)
 
         def scale_loader(param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
             _check_dtype("weight_scale_inv", loaded, SCALE_DTYPES)
