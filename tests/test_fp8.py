@@ -223,7 +223,8 @@ def test_quantize_dequantize_round_trip():
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="Triton runs on CPU only interpreted")
-@pytest.mark.parametrize("m, n, k", [(1, 256, 256), (7, 192, 320), (33, 130, 128), (20, 384, 200)])
+@pytest.mark.parametrize("m, n, k", [(1, 256, 256), (7, 192, 320), (33, 130, 128), (20, 384, 200), (130, 160, 256),
+                                     (520, 130, 128)])
 def test_triton_gemm_matches_reference_interpreted(m, n, k):
     """The kernels on reference-quantized activations (Triton's interpreter rounds float32 -> fp8
     differently from the GPU, so the quantized values are compared on the GPU only)."""

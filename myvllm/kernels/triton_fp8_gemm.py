@@ -145,11 +145,16 @@ def _block_fp8_matmul_kernel(
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def matmul_config(m: int) -> dict:
-    """Tile sizes by the number of rows: narrow tiles and more of them at decode sizes, where the
-    GEMM reads weights; wide tiles for prefill, where it computes."""
+# Below this many output columns a decode-sized GEMM takes the narrowest tiles, so that enough
+# programs stream the weight (Qwen3-0.6B's o_proj and down_proj have 1024).
+NARROW_N = 4096
+
+
+def matmul_config(m: int, n: int) -> dict:
+    """Tile sizes by the number of rows (and columns): narrow tiles and more of them at decode
+    sizes, where the GEMM reads weights; wide tiles for prefill, where it computes."""
     if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, BLOCK_N=32 if n <= NARROW_N else 64, GROUP_M=1, num_warps=4, num_stages=4)
     if m <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
     if m <= 512:
@@ -173,7 +178,7 @@ def block_fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, 
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0:
         return out
-    cfg = matmul_config(m)
+    cfg = matmul_config(m, n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _block_fp8_matmul_kernel[grid](xq, x_scale, wq, w_scale, out, m, n, k,
                                    xq.stride(0), x_scale.stride(0), wq.stride(0), w_scale.stride(0), out.stride(0),
