@@ -25,6 +25,7 @@ pytestmark = pytest.mark.gpu
 REL_TOL = 4e-3
 QUANT_TOL = 0.06
 CODE_MISMATCH_FRACTION = 1e-4
+MIN_AGREEMENT = 0.9
 # (N, K) of the linear layers at tensor_parallel_size=1: qkv_proj, o_proj, gate_up_proj, down_proj
 SHAPES = {
     "0.6b": [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)],
@@ -59,7 +60,7 @@ def test_gemm_matches_reference(m, n, k):
     x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
     xq, xs = triton_fp8_gemm.per_token_group_quant(x)
     ref_q, ref_s = reference_fp8.per_token_group_quant(x)
-    torch.testing.assert_close(xs, ref_s, rtol=0, atol=0)
+    torch.testing.assert_close(xs, ref_s, rtol=1e-6, atol=0)  # one float32 division each
     check_codes(xq, ref_q)
     out = triton_fp8_gemm.w8a8_block_linear(x, wq, ws, 128, 128)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
@@ -90,14 +91,16 @@ def test_method_uses_the_kernel_on_cuda():
 
 
 def test_engine_fp8_graphs_match_eager():
-    """Dummy FP8 Qwen3-0.6B: greedy tokens replayed from CUDA graphs equal the eager ones."""
+    """Dummy FP8 Qwen3-0.6B: greedy tokens replayed from CUDA graphs equal the eager ones (for
+    MIN_AGREEMENT of the prompts: padded graph batches pick other tiles, whose float32 sums may
+    break a near-tie of random weights differently)."""
     import gc
 
     from myvllm import LLM, SamplingParams
 
     args = dict(load_format="dummy", quantization="fp8", dtype="bfloat16", skip_tokenizer_init=True,
-                gpu_memory_utilization=0.5, max_model_len=1024, max_num_seqs=16)
-    prompts = [{"prompt_token_ids": [100 + i, 7, 3000 + 5 * i]} for i in range(8)]
+                gpu_memory_utilization=0.5, max_model_len=1024, max_num_seqs=32)
+    prompts = [{"prompt_token_ids": [100 + i, 7, 3000 + 5 * i]} for i in range(20)]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     tokens = {}
     for eager in (True, False):
@@ -108,5 +111,5 @@ def test_engine_fp8_graphs_match_eager():
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-    agree = sum(a == b for a, b in zip(tokens[True], tokens[False]))
-    assert agree >= len(prompts) - 1, (tokens[True], tokens[False])
+    agree = sum(a == b for a, b in zip(tokens[True], tokens[False])) / len(prompts)
+    assert agree >= MIN_AGREEMENT, (tokens[True], tokens[False])
