@@ -252,3 +252,61 @@ def test_quantization_config_in_config_json_is_read(dirs, tmp_path):
     assert ModelConfig.from_hf(dirs["fp8"]).quantization == Fp8Config(
         modules_to_not_convert=("lm_head", "model.layers.1.mlp.down_proj"))
     assert ModelConfig.from_hf(dirs["src"]).quantization is None
+
+
+def rank_layer(kind: str, rank: int, size: int):
+    """A layer of rank `rank` of `size` (no process group: only its loaders run), block-FP8."""
+    from myvllm.distributed.parallel_state import TensorParallelGroup
+    from myvllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+    from myvllm.layers.quantization.fp8 import Fp8LinearMethod
+
+    tp = TensorParallelGroup(rank=rank, size=size)
+    layer = {"row": lambda: RowParallelLinear(512, 192, None, tp),
+             "row-ragged": lambda: RowParallelLinear(384, 192, None, tp),
+             "merged": lambda: MergedColumnParallelLinear(192, [256, 512], None, tp),
+             "merged-ragged": lambda: MergedColumnParallelLinear(192, [384, 384], None, tp),
+             "qkv": lambda: QKVParallelLinear(192, 128, 4, 1, None, tp)}[kind]()
+    Fp8LinearMethod(Fp8Config(), torch.device("cpu"), torch.float32).create_weights(layer, kind)
+    return layer
+
+
+def random_fp8(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return reference_fp8.quantize_weight(w, scale_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_tensor_parallel_shards_follow_the_blocks(rank):
+    row = rank_layer("row", rank, 2)  # input features split: 256 columns = 2 scale columns per rank
+    q, s = random_fp8(192, 512, 0)
+    row.weight.weight_loader(row.weight, q)
+    row.weight_scale_inv.weight_loader(row.weight_scale_inv, s)
+    assert torch.equal(row.weight.view(torch.uint8), q[:, 256 * rank:256 * (rank + 1)].view(torch.uint8))
+    assert torch.equal(row.weight_scale_inv, s[:, 2 * rank:2 * (rank + 1)].float())
+
+    merged = rank_layer("merged", rank, 2)  # gate 128 rows and up 256 rows per rank
+    parts = [random_fp8(256, 192, 1), random_fp8(512, 192, 2)]
+    for shard_id, (q, s) in enumerate(parts):
+        merged.weight.weight_loader(merged.weight, q, shard_id)
+        merged.weight_scale_inv.weight_loader(merged.weight_scale_inv, s, shard_id)
+    (_, gate_s), (_, up_s) = parts
+    expected = torch.cat([gate_s[rank:rank + 1], up_s[2 * rank:2 * rank + 2]]).float()
+    assert torch.equal(merged.weight_scale_inv, expected)
+
+    qkv = rank_layer("qkv", rank, 2)  # 2 of 4 q heads; the one KV head on both ranks
+    parts = {"q": random_fp8(512, 192, 3), "k": random_fp8(128, 192, 4), "v": random_fp8(128, 192, 5)}
+    for shard_id, (q, s) in parts.items():
+        qkv.weight.weight_loader(qkv.weight, q, shard_id)
+        qkv.weight_scale_inv.weight_loader(qkv.weight_scale_inv, s, shard_id)
+    expected = torch.cat([parts["q"][1][2 * rank:2 * rank + 2], parts["k"][1], parts["v"][1]]).float()
+    assert torch.equal(qkv.weight_scale_inv, expected)
+    dequant = reference_fp8.dequantize_weight(qkv.weight, qkv.weight_scale_inv, 128, 128, torch.float32)
+    ref_q = reference_fp8.dequantize_weight(*parts["q"], 128, 128, torch.float32)
+    assert torch.equal(dequant[:256], ref_q[256 * rank:256 * (rank + 1)])
+
+
+@pytest.mark.parametrize("kind, match", [("row-ragged", r"input features per rank 192.*block_k=128"),
+                                         ("merged-ragged", r"output rows.*\[192, 192\].*block_n=128")])
+def test_shards_off_the_block_grid_are_refused(kind, match):
+    with pytest.raises(ValueError, match=kind + ": " + match):
+        rank_layer(kind, 0, 2)
