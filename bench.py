@@ -2,6 +2,8 @@
 
     python bench.py --dummy                    # random weights with Qwen3-0.6B shapes
     python bench.py --model ./huggingface/Qwen3-0.6B --json out.json
+    python bench.py --dummy --quantization fp8  # random block-FP8 weights, Qwen3-0.6B shapes
+    python bench.py --model dummy:qwen3-8b --quantization fp8  # another built-in shape set
 
 The workload: random.seed(seed); num_seqs prompts of randint(100, max_input_len) token ids
 drawn from randint(0, 10000) (capped at the model's largest token id); then num_seqs
@@ -26,7 +28,7 @@ from random import randint, seed
 import torch
 
 from myvllm import LLM, SamplingParams
-from myvllm.config import resolve_device
+from myvllm.config import DUMMY_PREFIX, resolve_device
 
 logger = logging.getLogger("bench")
 
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dummy", action="store_true", help="random weights with Qwen3-0.6B shapes, no files")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    parser.add_argument("--quantization", choices=["fp8"], default=None,
+                        help="fp8: block-FP8 weights (random ones with --dummy); default: the checkpoint's")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--num-seqs", type=int, default=None,
                         help=f"prompts in the workload (default: {GPU_WORKLOAD['num_seqs']} on a GPU, "
@@ -168,9 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     engine_args = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                        kvcache_block_size=args.block_size, attention_backend=args.attention_backend,
                        num_decode_passes=args.num_decode_passes,
-                       async_scheduling=not args.no_async_scheduling, device=args.device, dtype=args.dtype)
-    if args.dummy:
-        model = "dummy:qwen3-0.6b"
+                       async_scheduling=not args.no_async_scheduling, device=args.device, dtype=args.dtype,
+                       quantization=args.quantization)
+    if args.dummy or args.model.startswith(DUMMY_PREFIX):
+        model = args.model if args.model.startswith(DUMMY_PREFIX) else "dummy:qwen3-0.6b"
         engine_args.update(load_format="dummy", skip_tokenizer_init=True)
     else:
         model = args.model

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from myvllm.layers.quantization.config import QUANTIZATION_METHODS, Fp8Config
+
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -131,6 +133,9 @@ class EngineConfig:
     # Default sampling parameters: "auto" reads the model's generation_config.json, "vllm" keeps
     # the neutral SamplingParams defaults, any other value is a folder holding generation_config.json.
     generation_config: str = "auto"
+    # Weight quantization: None reads the checkpoint's quantization_config; "fp8" must match it,
+    # and with load_format="dummy" builds block-FP8 weights of random values.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
@@ -159,6 +164,7 @@ class EngineConfig:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("quantization", self.quantization, (None, *QUANTIZATION_METHODS))
         _check_int("seed", self.seed, 0)
         ckv = self.cpu_kv_cache_gib
         if isinstance(ckv, bool) or not isinstance(ckv, (int, float)) or not ckv > 0:
@@ -236,6 +242,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     architecture: str = "Qwen3ForCausalLM"
+    quantization: Fp8Config | None = None  # the checkpoint's quantization_config (None: unquantized)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -277,6 +284,7 @@ class ModelConfig:
         eos = hf_config.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        qc = getattr(hf_config, "quantization_config", None)
         return cls(
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,
@@ -293,6 +301,7 @@ class ModelConfig:
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             eos_token_ids=eos_ids,
             architecture=archs[0] if archs else "Qwen3ForCausalLM",
+            quantization=None if qc is None else Fp8Config.from_hf(qc),
         )
 
     @classmethod
@@ -305,6 +314,18 @@ class ModelConfig:
         eos = values.pop("eos_token_id")
         values["torch_dtype"] = DTYPES[values["torch_dtype"]]
         return cls(**values, eos_token_ids=(eos,))
+
+    def with_quantization(self, quantization: str | None, load_format: str) -> ModelConfig:
+        """This config under the engine argument `quantization`: None keeps the checkpoint's;
+        "fp8" must be the checkpoint's, except with load_format="dummy" (random weights), where it
+        gives an unquantized config block-FP8 with 128 x 128 blocks."""
+        if quantization is None or self.quantization is not None:
+            return self
+        if load_format != "dummy":
+            raise ValueError(f"quantization={quantization!r}, but the checkpoint has no quantization_config: "
+                             f"pass quantization=None for its unquantized weights (quantizing a checkpoint "
+                             f"at load time is not supported), or load_format='dummy' for random FP8 weights")
+        return dataclasses.replace(self, quantization=Fp8Config())
 
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Raise ValueError unless the layers split evenly over tp_size ranks: attention heads

@@ -9,6 +9,11 @@ tensor may be a `CheckpointTensor`, which reads from the file only that part.
 
 A column-parallel layer also takes a `NormPrologue` (layers/norm.py): the RMSNorm that
 feeds it, and the residual add before that norm, then run inside the projection.
+
+A layer with a `quant_method` (layers/quantization/fp8.py sets one on the layers it converts)
+holds quantized parameters in place of `weight` and multiplies through the method; the fused
+norm + projection kernels take unquantized weights only, so such a layer runs the norm, then
+the method's GEMM. `packed_slice` says where a packed shard lies, for weights and their scales.
 """
 
 from __future__ import annotations
@@ -30,6 +35,17 @@ class LinearBase(nn.Module):
         self.ops = ops  # kernels.fused_ops.FusedOps: a matrix-vector kernel for few tokens, else cuBLAS
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.quant_method = None  # e.g. layers.quantization.fp8.Fp8LinearMethod, set by its convert_linears
+
+    def output_partition_sizes(self) -> list[int]:
+        """This rank's output rows of each packed projection (one entry when not packed)."""
+        return [self.weight.shape[0]]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] @ this rank's weight.T -> [T, N] (no all-reduce)."""
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x)
+        return self.ops.linear(x, self.weight)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         if self.tp_dim is not None and self.tp.size > 1:
@@ -47,7 +63,19 @@ class ColumnParallelLinear(LinearBase):
     def forward(self, x: NormPrologue, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the normalised input's operands -> (this rank's projection [T, N], or silu(gate) * up
         [T, N / 2] of a packed [gate; up] with silu, and the residual stream x.x + x.residual)."""
-        return x.project(self.weight, self.ops, silu)
+        if self.quant_method is None:
+            return x.project(self.weight, self.ops, silu)
+        hidden, residual = x.normalize(self.ops)
+        out = self.matmul(hidden)
+        return (self.ops.silu_and_mul(out) if silu else out), residual
+
+
+def load_packed(layer, param: nn.Parameter, loaded: Loaded, shard_id) -> None:
+    """Copy this rank's part of one packed projection's checkpoint tensor into its rows of param."""
+    offset, size, full, rank = layer.packed_slice(shard_id)
+    if layer.tp.size > 1:
+        loaded = shard(loaded, 0, full, rank, size)
+    copy_checked(param.data.narrow(0, offset, size), loaded)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -57,12 +85,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), ops, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:
+    def output_partition_sizes(self) -> list[int]:
+        return [size // self.tp.size for size in self.output_sizes]
+
+    def packed_slice(self, shard_id: int) -> tuple[int, int, int, int]:
+        """(first row in this rank's weight, rows, rows of the checkpoint tensor, which part of it
+        this rank holds) of projection shard_id."""
         size = self.output_sizes[shard_id] // self.tp.size
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
-        if self.tp.size > 1:
-            loaded = shard(loaded, 0, self.output_sizes[shard_id], self.tp.rank, size)
-        copy_checked(param.data.narrow(0, offset, size), loaded)
+        return offset, size, self.output_sizes[shard_id], self.tp.rank
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:
+        load_packed(self, param, loaded, shard_id)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -87,17 +121,22 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         LinearBase.__init__(self, hidden_size, out, tp, 0, ops)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str) -> None:
+    def output_partition_sizes(self) -> list[int]:
+        kv_size = self.num_kv_heads * self.head_dim
+        return [self.num_heads * self.head_dim, kv_size, kv_size]
+
+    def packed_slice(self, shard_id: str) -> tuple[int, int, int, int]:
+        """(first row in this rank's weight, rows, rows of the checkpoint tensor, which part of it
+        this rank holds) of shard_id "q", "k" or "v"."""
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, rank, total = 0, q_size, self.tp.rank, self.total_num_heads
-        else:
-            offset = q_size if shard_id == "k" else q_size + kv_size
-            size, rank, total = kv_size, self.tp.rank // self.kv_replicas, self.total_num_kv_heads
-        if self.tp.size > 1:
-            loaded = shard(loaded, 0, total * self.head_dim, rank, size)
-        copy_checked(param.data.narrow(0, offset, size), loaded)
+            return 0, q_size, self.total_num_heads * self.head_dim, self.tp.rank
+        offset = q_size if shard_id == "k" else q_size + kv_size
+        return offset, kv_size, self.total_num_kv_heads * self.head_dim, self.tp.rank // self.kv_replicas
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str) -> None:
+        load_packed(self, param, loaded, shard_id)
 
 
 class RowParallelLinear(LinearBase):
@@ -108,4 +147,4 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, this rank's share of the input features] -> [T, N], summed over the ranks."""
-        return self.tp.all_reduce(self.ops.linear(x, self.weight))
+        return self.tp.all_reduce(self.matmul(x))

@@ -41,3 +41,10 @@ class NormPrologue:
         if self.residual is None:
             return ops.norm_linear(self.x, self.norm.weight, self.norm.eps, weight, silu), self.x
         return ops.add_norm_linear(self.x, self.residual, self.norm.weight, self.norm.eps, weight, silu)
+
+    def normalize(self, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s), s) with s = x + residual (x alone without a residual), for a projection that
+        runs on its own after the norm. ops: kernels.fused_ops.FusedOps."""
+        if self.residual is None:
+            return ops.rms_norm(self.x, self.norm.weight, self.norm.eps), self.x
+        return ops.fused_add_rms_norm(self.x, self.residual, self.norm.weight, self.norm.eps)

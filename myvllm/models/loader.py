@@ -3,7 +3,10 @@
 Only safetensors files are read (never pickle). Loading is strict: a tensor the
 model does not have, a parameter the checkpoint lacks, or a shape mismatch raises
 a ValueError naming the tensor. Packed parameters (qkv_proj, gate_up_proj) are
-filled slice by slice through each parameter's `weight_loader`.
+filled slice by slice through each parameter's `weight_loader`. A block-FP8 layer's
+`*.weight_scale_inv` tensors are parameters like any other (layers/quantization/fp8.py gives
+them their loaders), so a missing or mis-shaped scale fails the same way; with an index file,
+the tensors the files hold must be the ones its weight_map lists.
 
 Checkpoint tensors reach the weight loaders as `CheckpointTensor`s
 (models/weight_utils.py), which read from the file only what is asked for: a
@@ -31,12 +34,22 @@ INDEX_FILE = "model.safetensors.index.json"
 DUMMY_STD = 0.02
 
 
+def read_weight_map(path: str) -> dict[str, str] | None:
+    """The index's tensor name -> file name, None without an index file."""
+    index = os.path.join(path, INDEX_FILE)
+    if not os.path.isfile(index):
+        return None
+    with open(index) as f:
+        weight_map = json.load(f).get("weight_map", {})
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{INDEX_FILE} in {path!r}: weight_map is not a JSON object")
+    return weight_map
+
+
 def safetensors_files(path: str) -> list[str]:
     """The checkpoint's safetensors files: those of the index if there is one, else all."""
-    index = os.path.join(path, INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
+    weight_map = read_weight_map(path)
+    if weight_map is not None:
         files = sorted({os.path.join(path, name) for name in weight_map.values()})
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
@@ -102,19 +115,41 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Loaded]],
         raise ValueError(f"checkpoint lacks tensor(s): {missing[:10]}")
 
 
+def _listed(tensors: Iterator[tuple[str, CheckpointTensor]], weight_map: dict[str, str], path: str):
+    """tensors, checking that each is in weight_map under its file and that none listed is missing."""
+    seen = set()
+    for name, tensor in tensors:
+        file = os.path.basename(tensor.path)
+        if weight_map.get(name) != file:
+            raise ValueError(f"tensor {name!r} of {file!r} is not listed under that file in {INDEX_FILE} of {path!r}")
+        seen.add(name)
+        yield name, tensor
+    unread = sorted(set(weight_map) - seen)
+    if unread:
+        raise ValueError(f"{INDEX_FILE} of {path!r} lists tensor(s) its files do not hold: {unread[:10]}")
+
+
 def load_checkpoint(model: nn.Module, path: str, tie_word_embeddings: bool) -> None:
     files = safetensors_files(path)
     logger.info("loading %d safetensors file(s) from %s", len(files), path)
-    load_weights(model, iterate_tensors(files), tie_word_embeddings)
+    tensors = iterate_tensors(files)
+    weight_map = read_weight_map(path)
+    load_weights(model, tensors if weight_map is None else _listed(tensors, weight_map, path), tie_word_embeddings)
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights: N(0, DUMMY_STD) for matrices, ones for norm weights."""
+    """Random weights: N(0, DUMMY_STD) for matrices, ones for norm weights; a layer with a
+    quant_method gets its own (quantized random values)."""
     gen = None
+    quantized = {name: m for name, m in model.named_modules() if getattr(m, "quant_method", None) is not None}
     for name, param in model.named_parameters():
         if gen is None:
             gen = torch.Generator(device=param.device).manual_seed(seed)
+        if name.rpartition(".")[0] in quantized:
+            continue
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         else:
             param.data.normal_(0.0, DUMMY_STD, generator=gen)
+    for module in quantized.values():
+        module.quant_method.init_dummy(module, DUMMY_STD, gen)

@@ -75,9 +75,11 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
     if config.is_dummy_model:
         if config.load_format != "dummy":
             raise ValueError(f"model {config.model!r} has no weights: use load_format='dummy'")
-        return ResolvedModel(None, ModelConfig.builtin(config.model.removeprefix(DUMMY_PREFIX)))
+        model_config = ModelConfig.builtin(config.model.removeprefix(DUMMY_PREFIX))
+        return ResolvedModel(None, model_config.with_quantization(config.quantization, config.load_format))
     path = resolve_path(config.model, "model", config.revision, config.download_dir)
-    return ResolvedModel(path, ModelConfig.from_hf(path))
+    model_config = ModelConfig.from_hf(path).with_quantization(config.quantization, config.load_format)
+    return ResolvedModel(path, model_config)
 
 
 def has_tokenizer_files(path: str) -> bool:

@@ -14,6 +14,12 @@ from __future__ import annotations
 import torch
 from safetensors import SafetensorError
 
+# safetensors dtype names -> torch dtypes (the ones checkpoints of this engine's models use)
+SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16,
+                      "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "I8": torch.int8,
+                      "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                      "BOOL": torch.bool}
+
 
 class CheckpointTensor:
     """One tensor of an open safetensors file, read lazily: `narrow` reads one slice of it,
@@ -25,6 +31,12 @@ class CheckpointTensor:
         self._path = path
         self._slice = file.get_slice(name)
         self.shape = torch.Size(self._slice.get_shape())
+        self.dtype = SAFETENSORS_DTYPES.get(self._slice.get_dtype())  # None: a dtype not in the table
+
+    @property
+    def path(self) -> str:
+        """The safetensors file it is in."""
+        return self._path
 
     def __repr__(self) -> str:
         return f"CheckpointTensor({self._name!r}, shape={tuple(self.shape)})"

@@ -33,6 +33,7 @@ from myvllm.attention.selector import create_backend
 from myvllm.config import EngineConfig, ModelConfig
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
 from myvllm.kernels.fused_ops import FusedOps
+from myvllm.layers.quantization.fp8 import Fp8LinearMethod, convert_linears
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.qwen3_opt import Qwen3ForCausalLM
 from myvllm.runtime import kv_cache
@@ -104,6 +105,8 @@ class ModelRunner:
         start = time.perf_counter()
         with torch.device(self.device), default_dtype(self.dtype):
             self.model = Qwen3ForCausalLM(model_config, max_model_len, self.backend, self.ops, tp)
+            if model_config.quantization is not None:
+                convert_linears(self.model, Fp8LinearMethod(model_config.quantization, self.device, self.dtype))
         if checkpoint_path is None:
             init_dummy_weights(self.model, config.seed)
         else:

@@ -1,0 +1,166 @@
+"""Block-FP8 linear layers: parameters, their loading, dummy values and the GEMM dispatch.
+
+`convert_linears(model, method)` gives every linear layer of a model that modules_to_not_convert
+does not name an `Fp8LinearMethod`, which swaps its `weight` for
+  - `weight` float8_e4m3fn [N, K] (this rank's rows / columns), and
+  - `weight_scale_inv` float32 [ceil(N / block_n), ceil(K / block_k)], one scale per block;
+the checkpoint may store the scales in bf16, fp16 or fp32.
+
+Tensor parallelism splits on block boundaries, as vLLM requires: a rank's share of a split dim
+and each projection of a packed layer (q/k/v, gate/up) must be a whole number of blocks, so the
+scales of a rank's part are whole rows (columns) of the checkpoint's scales and a packed layer's
+scales are its projections' scales stacked (q rows, then k, then v). Only an unsplit, unpacked
+dim may end in a ragged block. A layer whose shapes break this raises ValueError at build time.
+
+The GEMM is kernels/triton_fp8_gemm.py on GPUs with fp8 tensor cores (activations quantized per
+token group of block_k on the fly); elsewhere the weight is dequantized to the activations'
+dtype at each call and multiplied with torch (kernels/reference_fp8.py). The fused norm +
+projection kernels take unquantized weights only: a converted layer runs the norm, then this
+GEMM (layers/linear.py), as logged once when the method is built.
+
+Stacked expert weights [E, N, K] with scales [E, N / 128, K / 128] reuse the same pieces:
+reference_fp8.quantize_weight / dequantize_weight take leading dims, `block_scale_loader`'s
+block arithmetic applies to each expert's slice, and triton_fp8_gemm.block_fp8_tile computes an
+expert's output tile given that expert's weight and scale pointers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from myvllm.kernels import reference_fp8
+from myvllm.kernels.reference_fp8 import FP8_DTYPE, cdiv
+from myvllm.layers.linear import LinearBase
+from myvllm.layers.quantization.config import Fp8Config
+from myvllm.models.weight_utils import Loaded, copy_checked, shard
+
+logger = logging.getLogger(__name__)
+
+SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_dtype(what: str, loaded: Loaded, allowed: tuple[torch.dtype, ...]) -> None:
+    if loaded.dtype not in allowed:
+        raise ValueError(f"{what} has dtype {loaded.dtype}, a block-FP8 layer takes {[str(d) for d in allowed]}")
+
+
+class Fp8LinearMethod:
+    """Block-FP8 weights of linear layers and their GEMM on one device; one per model."""
+
+    def __init__(self, config: Fp8Config, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        device = torch.device(device)
+        self._triton_linear = None  # kernels.triton_fp8_gemm.w8a8_block_linear where it runs
+        if device.type == "cuda":  # triton is imported on CUDA only: the CPU path runs without it
+            from myvllm.kernels import triton_fp8_gemm
+
+            reason = triton_fp8_gemm.supports(device, config.block_n, config.block_k, dtype)
+            if reason is None:
+                self._triton_linear = triton_fp8_gemm.w8a8_block_linear
+        else:
+            reason = f"device {device} is not CUDA"
+        self.uses_triton = self._triton_linear is not None
+        gemm = "the Triton block-FP8 GEMM" if self.uses_triton else (
+            f"weights dequantized to {dtype} and torch matmul (Triton block-FP8 GEMM not used: {reason})")
+        logger.info("block-FP8 linear layers %s: %s; each norm runs before its projection (the fused "
+                    "norm + projection kernels take unquantized weights)", list(config.weight_block_size), gemm)
+
+    def check_shapes(self, layer: LinearBase, prefix: str) -> None:
+        """ValueError unless this rank's split dims and packed projections are whole blocks."""
+        bn, bk = self.config.block_n, self.config.block_k
+        n, k = layer.weight.shape
+        split = layer.tp.size > 1
+        if split and layer.tp_dim == 1 and k % bk:
+            raise ValueError(f"{prefix}: input features per rank {k} (tensor_parallel_size={layer.tp.size}) "
+                             f"are not a multiple of the FP8 block_k={bk}")
+        sizes = layer.output_partition_sizes()
+        if len(sizes) > 1 or (split and layer.tp_dim == 0):
+            for size in sizes:
+                if size % bn:
+                    raise ValueError(f"{prefix}: output rows per projection and rank {sizes} "
+                                     f"(tensor_parallel_size={layer.tp.size}) are not multiples of the FP8 "
+                                     f"block_n={bn}")
+
+    def create_weights(self, layer: LinearBase, prefix: str) -> None:
+        """Replace layer.weight by fp8 weight and float32 weight_scale_inv parameters on its device."""
+        self.check_shapes(layer, prefix)
+        n, k = layer.weight.shape
+        device = layer.weight.device
+        del layer.weight
+        layer.weight = nn.Parameter(torch.empty(n, k, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        scale = torch.empty(cdiv(n, self.config.block_n), cdiv(k, self.config.block_k), dtype=torch.float32,
+                            device=device)
+        layer.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+
+        def weight_loader(param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
+            _check_dtype("weight", loaded, (FP8_DTYPE,))
+            if shard_id is None:
+                layer.weight_loader(param, loaded)
+            else:
+                layer.weight_loader(param, loaded, shard_id)
+
+        def scale_loader(param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
+            _check_dtype("weight_scale_inv", loaded, SCALE_DTYPES)
+            self.load_scale(layer, param, loaded, shard_id)
+
+        layer.weight.weight_loader = weight_loader
+        layer.weight_scale_inv.weight_loader = scale_loader
+        layer.quant_method = self
+
+    def load_scale(self, layer: LinearBase, param: nn.Parameter, loaded: Loaded, shard_id) -> None:
+        """This rank's block scales of a checkpoint's weight_scale_inv: the weight's sharding in units of
+        blocks (exact, as check_shapes holds)."""
+        if shard_id is None:
+            LinearBase.weight_loader(layer, param, loaded)  # splits along tp_dim by the param's shape
+            return
+        bn = self.config.block_n
+        offset, size, full, rank = layer.packed_slice(shard_id)
+        if layer.tp.size > 1:
+            loaded = shard(loaded, 0, cdiv(full, bn), rank, size // bn)
+        copy_checked(param.data.narrow(0, offset // bn, cdiv(size, bn)), loaded)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] @ the dequantized weight.T -> [T, N] in x's dtype."""
+        bn, bk = self.config.block_n, self.config.block_k
+        if self._triton_linear is not None:
+            return self._triton_linear(x, layer.weight, layer.weight_scale_inv, bn, bk)
+        return reference_fp8.dequant_linear(x, layer.weight, layer.weight_scale_inv, bn, bk)
+
+    def init_dummy(self, layer: LinearBase, std: float, gen: torch.Generator) -> None:
+        """Random weights N(0, std), quantized to blocks: what a quantized checkpoint of them holds."""
+        w = torch.empty(layer.weight.shape, dtype=torch.float32, device=layer.weight.device)
+        w.normal_(0.0, std, generator=gen)
+        q, scale = reference_fp8.quantize_weight(w, self.config.block_n, self.config.block_k)
+        layer.weight.data.copy_(q)
+        layer.weight_scale_inv.data.copy_(scale)
+
+
+def checkpoint_names(model: nn.Module, name: str) -> list[str]:
+    """The checkpoint module names behind model module `name`: its packed projections' names for
+    a packed layer (model.layers.0.self_attn.q_proj, k_proj, v_proj for ...qkv_proj), else itself."""
+    parent, _, last = name.rpartition(".")
+    packed = [ckpt for ckpt, (param, _) in getattr(model, "packed_modules_mapping", {}).items() if param == last]
+    return [f"{parent}.{ckpt}" if parent else ckpt for ckpt in packed] or [name]
+
+
+def convert_linears(model: nn.Module, method: Fp8LinearMethod) -> int:
+    """Give every LinearBase of model that the config does not skip block-FP8 parameters; returns
+    how many were converted. A packed layer of which some projections are skipped and some not
+    raises ValueError (one matrix holds them all)."""
+    converted = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LinearBase):
+            continue
+        names = checkpoint_names(model, name)
+        skipped = [method.config.is_skipped(n) for n in names]
+        if all(skipped):
+            continue
+        if any(skipped):
+            raise ValueError(f"quantization_config.modules_to_not_convert names some but not all of {names}, "
+                             f"which the model packs into one matrix {name!r}")
+        method.create_weights(module, name)
+        converted += 1
+    return converted
