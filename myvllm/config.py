@@ -15,7 +15,9 @@ import torch
 
 from myvllm.layers.quantization.config import QUANTIZATION_METHODS, Fp8Config
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+# model_type of a config.json without "architectures" -> the architecture it means
+ARCHITECTURE_OF_MODEL_TYPE = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -31,7 +33,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 DUMMY_PREFIX = "dummy:"
 
-# Shapes of the published Qwen3 dense checkpoints, for load_format="dummy" without files.
+# Shapes of the published Qwen3 dense and MoE checkpoints, for load_format="dummy" without files.
 BUILTIN_SHAPES: dict[str, dict] = {
     "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
@@ -45,6 +47,15 @@ BUILTIN_SHAPES: dict[str, dict] = {
                       num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
     "qwen3-32b": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
                       num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+    # The MoE checkpoints: every layer sparse (mlp_only_layers empty, decoder_sparse_step 1).
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
+                          architecture="Qwen3MoeForCausalLM", num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, norm_topk_prob=True),
+    "qwen3-235b-a22b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
+                            num_attention_heads=64, num_key_value_heads=4, tie_word_embeddings=False,
+                            architecture="Qwen3MoeForCausalLM", num_experts=128, num_experts_per_tok=8,
+                            moe_intermediate_size=1536, norm_topk_prob=True),
 }
 BUILTIN_COMMON = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
                       max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645,
@@ -243,6 +254,15 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     architecture: str = "Qwen3ForCausalLM"
     quantization: Fp8Config | None = None  # the checkpoint's quantization_config (None: unquantized)
+    # Mixture of experts (Qwen3MoeForCausalLM; num_experts 0 for a dense model). Layer i is sparse
+    # when num_experts > 0, i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+    # (transformers' rule); the other layers have a dense MLP of intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -250,6 +270,24 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        if self.num_experts:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        _check_int("num_experts", self.num_experts, 1)
+        _check_int("num_experts_per_tok", self.num_experts_per_tok, 1, self.num_experts)
+        _check_int("moe_intermediate_size", self.moe_intermediate_size, 1)
+        _check_int("decoder_sparse_step", self.decoder_sparse_step, 1)
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"mlp_only_layers={list(self.mlp_only_layers)}: layer(s) {bad} are out of range: "
+                             f"must be in [0, {self.num_hidden_layers - 1}]")
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has the experts (else a dense MLP)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_hf(cls, path: str) -> ModelConfig:
@@ -266,12 +304,13 @@ class ModelConfig:
     def from_hf_config(cls, hf_config) -> ModelConfig:
         archs = list(getattr(hf_config, "architectures", None) or [])
         model_type = getattr(hf_config, "model_type", None)
-        if not archs and model_type == "qwen3":
-            archs = ["Qwen3ForCausalLM"]
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        if not archs and model_type in ARCHITECTURE_OF_MODEL_TYPE:
+            archs = [ARCHITECTURE_OF_MODEL_TYPE[model_type]]
+        supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+        if not supported:
             raise ValueError(
                 f"architecture {archs or model_type!r} is not supported: this engine runs "
-                f"{list(SUPPORTED_ARCHITECTURES)} (the Qwen3 dense family)"
+                f"{list(SUPPORTED_ARCHITECTURES)} (the Qwen3 dense and MoE families)"
             )
         rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -300,13 +339,26 @@ class ModelConfig:
             torch_dtype=dtype,
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             eos_token_ids=eos_ids,
-            architecture=archs[0] if archs else "Qwen3ForCausalLM",
+            architecture=supported[0],
             quantization=None if qc is None else Fp8Config.from_hf(qc),
+            **(cls._moe_fields(hf_config) if supported[0] == "Qwen3MoeForCausalLM" else {}),
+        )
+
+    @staticmethod
+    def _moe_fields(hf_config) -> dict:
+        """The MoE fields of a transformers Qwen3MoeConfig."""
+        return dict(
+            num_experts=hf_config.num_experts,
+            num_experts_per_tok=hf_config.num_experts_per_tok,
+            moe_intermediate_size=hf_config.moe_intermediate_size,
+            norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+            decoder_sparse_step=getattr(hf_config, "decoder_sparse_step", 1),
+            mlp_only_layers=tuple(getattr(hf_config, "mlp_only_layers", None) or ()),
         )
 
     @classmethod
     def builtin(cls, name: str) -> ModelConfig:
-        """A built-in Qwen3 shape set, e.g. 'qwen3-0.6b'."""
+        """A built-in Qwen3 shape set, e.g. 'qwen3-0.6b' or 'qwen3-30b-a3b'."""
         key = name.lower().removeprefix(DUMMY_PREFIX)
         if key not in BUILTIN_SHAPES:
             raise ValueError(f"unknown built-in model {name!r}: choose one of {sorted(BUILTIN_SHAPES)}")
@@ -329,7 +381,7 @@ class ModelConfig:
 
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Raise ValueError unless the layers split evenly over tp_size ranks: attention heads
-        and the MLP's intermediate size divide by it, and KV heads divide by it or into it
+        and the MLP's (and experts') intermediate size divide by it, and KV heads divide by it or into it
         (then each KV head is replicated on tp_size / num_key_value_heads ranks). The
         vocabulary needs no check: each rank's share is padded."""
         if tp_size == 1:
@@ -345,9 +397,15 @@ class ModelConfig:
                 f"tensor_parallel_size={tp_size} and num_key_value_heads={kv_heads}: one must divide the "
                 f"other (KV heads are split over ranks, or replicated when there are fewer of them)"
             )
-        if self.intermediate_size % tp_size:
+        sparse = [self.is_sparse_layer(i) for i in range(self.num_hidden_layers)]
+        if not all(sparse) and self.intermediate_size % tp_size:
             raise ValueError(
                 f"tensor_parallel_size={tp_size} does not divide intermediate_size={self.intermediate_size}"
+            )
+        if any(sparse) and self.moe_intermediate_size % tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} does not divide moe_intermediate_size={self.moe_intermediate_size} "
+                f"(each rank holds a slice of every expert's intermediate dimension)"
             )
 
     def resolve_dtype(self, dtype: str) -> torch.dtype:

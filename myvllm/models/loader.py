@@ -7,6 +7,8 @@ filled slice by slice through each parameter's `weight_loader`. A block-FP8 laye
 `*.weight_scale_inv` tensors are parameters like any other (layers/quantization/fp8.py gives
 them their loaders), so a missing or mis-shaped scale fails the same way; with an index file,
 the tensors the files hold must be the ones its weight_map lists.
+The stacked experts of an MoE layer are filled the same way, one checkpoint tensor per expert
+and projection (`expert_params_mapping`).
 
 Checkpoint tensors reach the weight loaders as `CheckpointTensor`s
 (models/weight_utils.py), which read from the file only what is asked for: a
@@ -71,26 +73,47 @@ def iterate_tensors(files: list[str]) -> Iterator[tuple[str, CheckpointTensor]]:
             raise ValueError(f"cannot read safetensors file {file!r} (truncated or corrupt?): {e}") from e
 
 
-def _target(model: nn.Module, name: str) -> tuple[str, object]:
-    """Checkpoint name -> (parameter name, shard id) through packed_modules_mapping."""
+def _mappings(model: nn.Module) -> list[tuple[str, str, object]]:
+    """(checkpoint name part, parameter name part, shard id) of every tensor that fills a slice
+    of a parameter: the model's expert_params_mapping (MoE: one entry per expert and projection)
+    first, its names containing the packed ones (experts.0.gate_proj), then packed_modules_mapping."""
+    mappings = list(getattr(model, "expert_params_mapping", ()))
     for ckpt_part, (param_part, shard_id) in getattr(model, "packed_modules_mapping", {}).items():
-        if f".{ckpt_part}." in name:
-            return name.replace(f".{ckpt_part}.", f".{param_part}."), shard_id
+        mappings.append((f".{ckpt_part}.", f".{param_part}.", shard_id))
+    return mappings
+
+
+def _target(mappings: list[tuple[str, str, object]], name: str) -> tuple[str, object]:
+    """Checkpoint name -> (parameter name, shard id) through the first mapping that matches."""
+    for ckpt_part, param_part, shard_id in mappings:
+        if ckpt_part in name:
+            return name.replace(ckpt_part, param_part), shard_id
     return name, None
+
+
+def _missing_shards(name: str, want: set, have: set, mappings: list[tuple[str, str, object]]) -> str:
+    """A parameter some of whose shards no tensor filled, with the checkpoint tensors that would."""
+    lacking = want - have
+    tensors = [name.replace(param_part, ckpt_part) for ckpt_part, param_part, shard_id in mappings
+               if shard_id in lacking and param_part in name]
+    more = f" and {len(tensors) - 4} more" if len(tensors) > 4 else ""
+    return f"{name} (shards {sorted(map(str, lacking))[:4]}: {tensors[:4]}{more})"
 
 
 def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Loaded]],
                  tie_word_embeddings: bool) -> None:
     params = dict(model.named_parameters())
     loaded: dict[str, set] = {name: set() for name in params}
-    expected_shards = {}
-    for _ckpt, (param_part, shard_id) in getattr(model, "packed_modules_mapping", {}).items():
+    mappings = _mappings(model)
+    # parameter name part -> the shard ids that fill the parameters holding it
+    expected_shards: dict[str, set] = {}
+    for _ckpt, param_part, shard_id in mappings:
         expected_shards.setdefault(param_part, set()).add(shard_id)
     unexpected = []
     for name, tensor in tensors:
         if tie_word_embeddings and name == "lm_head.weight":
             continue  # tied to the embedding; some checkpoints store the copy anyway
-        param_name, shard_id = _target(model, name)
+        param_name, shard_id = _target(mappings, name)
         param = params.get(param_name)
         if param is None:
             unexpected.append(name)
@@ -107,10 +130,9 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Loaded]],
         raise ValueError(f"checkpoint has tensor(s) the model does not: {unexpected[:10]}")
     missing = []
     for name, shards in loaded.items():
-        part = name.split(".")[-2] if "." in name else name
-        want = expected_shards.get(part, {None})
+        want = next((want for part, want in expected_shards.items() if part in name), {None})
         if shards != want:
-            missing.append(name if want == {None} else f"{name} (shards {sorted(map(str, want - shards))})")
+            missing.append(name if want == {None} else _missing_shards(name, want, shards, mappings))
     if missing:
         raise ValueError(f"checkpoint lacks tensor(s): {missing[:10]}")
 

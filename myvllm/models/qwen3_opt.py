@@ -14,6 +14,8 @@ packed parameter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -74,12 +76,13 @@ class Qwen3MLP(nn.Module):
 
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops,
-                 tp: TensorParallelGroup) -> None:
+                 tp: TensorParallelGroup, mlp: nn.Module | None = None) -> None:
+        """mlp: the feed-forward block, taking a NormPrologue (default: the dense Qwen3MLP)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Qwen3Attention(cfg, rotary, backend, ops, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Qwen3MLP(cfg, ops, tp)
+        self.mlp = mlp if mlp is not None else Qwen3MLP(cfg, ops, tp)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +95,14 @@ class Qwen3DecoderLayer(nn.Module):
 
 class Qwen3Model(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int, backend: AttentionBackend, ops,
-                 tp: TensorParallelGroup) -> None:
+                 tp: TensorParallelGroup, mlp_of_layer: Callable[[int], nn.Module | None] | None = None) -> None:
+        """mlp_of_layer: layer index -> its feed-forward block (None: the dense one); the MoE decoder's hook."""
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(cfg, self.rotary, backend, ops, tp) for _ in range(cfg.num_hidden_layers)
+            Qwen3DecoderLayer(cfg, self.rotary, backend, ops, tp, mlp_of_layer(i) if mlp_of_layer else None)
+            for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -123,10 +128,11 @@ class Qwen3ForCausalLM(nn.Module):
     }
 
     def __init__(self, cfg: ModelConfig, max_position: int, backend: AttentionBackend, ops,
-                 tp: TensorParallelGroup = SINGLE) -> None:
+                 tp: TensorParallelGroup = SINGLE,
+                 mlp_of_layer: Callable[[int], nn.Module | None] | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Qwen3Model(cfg, max_position, backend, ops, tp)
+        self.model = Qwen3Model(cfg, max_position, backend, ops, tp, mlp_of_layer)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ops, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

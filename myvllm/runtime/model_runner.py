@@ -35,7 +35,7 @@ from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
 from myvllm.kernels.fused_ops import FusedOps
 from myvllm.layers.quantization.fp8 import Fp8LinearMethod, convert_linears
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
-from myvllm.models.qwen3_opt import Qwen3ForCausalLM
+from myvllm.models.registry import model_class
 from myvllm.runtime import kv_cache
 from myvllm.runtime.host_copy import HostCopy, host_to_device
 from myvllm.runtime.scheduler import ScheduledBatch
@@ -104,7 +104,8 @@ class ModelRunner:
                                       model_config.head_dim, config.max_num_seqs, max_model_len)
         start = time.perf_counter()
         with torch.device(self.device), default_dtype(self.dtype):
-            self.model = Qwen3ForCausalLM(model_config, max_model_len, self.backend, self.ops, tp)
+            self.model = model_class(model_config.architecture)(model_config, max_model_len, self.backend,
+                                                                self.ops, tp)
             if model_config.quantization is not None:
                 convert_linears(self.model, Fp8LinearMethod(model_config.quantization, self.device, self.dtype))
         if checkpoint_path is None:
