@@ -1,6 +1,7 @@
 """Throughput on a fixed workload, plus single-stream latency and prefill throughput.
 
     python bench.py --dummy                    # random weights with Qwen3-0.6B shapes
+    python bench.py --model dummy:qwen3-30b-a3b   # random weights with other built-in shapes
     python bench.py --model ./huggingface/Qwen3-0.6B --json out.json
     python bench.py --dummy --quantization fp8  # random block-FP8 weights, Qwen3-0.6B shapes
     python bench.py --model dummy:qwen3-8b --quantization fp8  # another built-in shape set
@@ -28,7 +29,7 @@ from random import randint, seed
 import torch
 
 from myvllm import LLM, SamplingParams
-from myvllm.config import DUMMY_PREFIX, resolve_device
+from myvllm.config import BUILTIN_SHAPES, DUMMY_PREFIX, resolve_device
 
 logger = logging.getLogger("bench")
 
@@ -117,13 +118,17 @@ def prefill_tokens_per_s(llm: LLM, vocab_size: int, num_prompts: int = 64, promp
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="./huggingface/Qwen3-0.6B", help="checkpoint directory or hub id")
+    parser.add_argument("--model", default="./huggingface/Qwen3-0.6B",
+                        help=f"checkpoint directory, hub id, or {DUMMY_PREFIX}NAME for random weights with built-in "
+                             f"shapes ({', '.join(BUILTIN_SHAPES)})")
     parser.add_argument("--dummy", action="store_true", help="random weights with Qwen3-0.6B shapes, no files")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     parser.add_argument("--quantization", choices=["fp8"], default=None,
                         help="fp8: block-FP8 weights (random ones with --dummy); default: the checkpoint's")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="GPUs to split the model over (one rank each)")
     parser.add_argument("--num-seqs", type=int, default=None,
                         help=f"prompts in the workload (default: {GPU_WORKLOAD['num_seqs']} on a GPU, "
                              f"{CPU_WORKLOAD['num_seqs']} on a CPU)")
@@ -173,12 +178,10 @@ def main(argv: list[str] | None = None) -> None:
                        kvcache_block_size=args.block_size, attention_backend=args.attention_backend,
                        num_decode_passes=args.num_decode_passes,
                        async_scheduling=not args.no_async_scheduling, device=args.device, dtype=args.dtype,
-                       quantization=args.quantization)
-    if args.dummy or args.model.startswith(DUMMY_PREFIX):
-        model = args.model if args.model.startswith(DUMMY_PREFIX) else "dummy:qwen3-0.6b"
+                       quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
+    model = "dummy:qwen3-0.6b" if args.dummy else args.model
+    if model.startswith(DUMMY_PREFIX):  # built-in shapes, random weights
         engine_args.update(load_format="dummy", skip_tokenizer_init=True)
-    else:
-        model = args.model
     start = time.perf_counter()
     llm = LLM(model, **engine_args)
     init_time = time.perf_counter() - start

@@ -300,3 +300,57 @@ def test_wrong_expert_shape_is_named(moe_dir, tmp_path, proj, cut):
     path = _edited_copy(moe_dir, tmp_path / "m", shrink)
     with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}.*shape"):
         LLM(path, **SMALL_KV)
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_gpu_float32_matches_transformers(moe_dir, moe_reference, eager):
+    """The CUDA path (Triton fused MoE, attention kernels, decode graphs) in float32 against
+    transformers on CPU: the same greedy tokens, but for rare near ties."""
+    ids, expected = moe_reference
+    llm = LLM(moe_dir, dtype="float32", kvcache_block_size=16, enforce_eager=eager, gpu_memory_utilization=0.3,
+              max_model_len=256)
+    experts = llm.engine.runner.model.model.layers[0].mlp.experts
+    assert experts.fused_experts.__module__ == "myvllm.kernels.triton_fused_moe"
+    outs = run_checked(llm, ids, GREEDY)
+    same = sum(o.outputs[0].token_ids == ref for o, ref in zip(outs, expected))
+    assert same >= len(ids) - 1, f"{same}/{len(ids)} sequences equal transformers'"
+
+
+# ---- CPU without triton; bench.py ----------------------------------------------------------------
+
+def test_cpu_path_runs_without_triton(moe_dir):
+    from test_basics import NO_TRITON_SCRIPT, run_python
+
+    proc = run_python(["-c", NO_TRITON_SCRIPT, moe_dir])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_bench_runs_the_moe_model_on_cpu(moe_dir):
+    from test_basics import THROUGHPUT_LINE, run_python
+
+    proc = run_python(["bench.py", "--model", moe_dir, "--device", "cpu", "--num-seqs", "2",
+                       "--max-input-len", "30", "--max-output-len", "4", "--block-size", "16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [int(t) for t in THROUGHPUT_LINE.findall(proc.stdout)] == [2 * 4]
+
+
+def test_bench_takes_builtin_shapes_by_name(monkeypatch):
+    import bench
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(model, **kwargs):
+        seen.update(kwargs, model=model)
+        raise Stop
+
+    monkeypatch.setattr(bench, "LLM", fake_llm)
+    with pytest.raises(Stop):
+        bench.main(["--model", "dummy:qwen3-30b-a3b", "--device", "cpu", "--num-seqs", "1", "-tp", "2"])
+    assert seen["model"] == "dummy:qwen3-30b-a3b" and seen["load_format"] == "dummy"
+    assert seen["skip_tokenizer_init"] and seen["tensor_parallel_size"] == 2

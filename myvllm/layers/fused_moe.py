@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
-from myvllm.kernels import reference_moe, triton_fused_moe
+from myvllm.kernels import reference_moe
 from myvllm.models.weight_utils import Loaded, copy_checked, shard
 
 logger = logging.getLogger(__name__)
@@ -33,13 +33,17 @@ PROJECTIONS = {"gate_proj": "w13_", "up_proj": "w13_", "down_proj": "w2_"}
 
 
 def select_fused_experts(device: torch.device, dtype: torch.dtype) -> FusedExperts:
-    """The fused-experts op for a model on device in dtype: the Triton kernel where it runs,
-    else the torch reference (the reason logged at INFO, for CUDA devices)."""
+    """The fused-experts op for a model on device in dtype: on CUDA the Triton kernel where it
+    runs (else the torch reference, the reason logged at INFO); elsewhere the torch reference,
+    without importing triton."""
+    if device.type != "cuda":
+        return reference_moe.fused_experts
+    from myvllm.kernels import triton_fused_moe
+
     reason = triton_fused_moe.supports(device, dtype)
     if reason is None:
         return triton_fused_moe.fused_experts
-    if device.type == "cuda":
-        logger.info("fused MoE: Triton kernel not used (%s); running the torch reference instead", reason)
+    logger.info("fused MoE: Triton kernel not used (%s); running the torch reference instead", reason)
     return reference_moe.fused_experts
 
 
