@@ -60,9 +60,10 @@ def moe_tiles(num_tokens: int, top_k: int, num_experts: int) -> MoeTiles:
 
 
 def max_padded_rows(num_rows: int, num_experts: int, block_m: int) -> int:
-    """The most entries sorted_ids can need: each non-empty expert pads fewer than block_m rows,
-    and at most min(E, rows) experts are non-empty."""
-    return num_rows + min(num_experts, num_rows) * (block_m - 1)
+    """The most entries sorted_ids can need, rounded up to whole blocks: each non-empty expert
+    pads fewer than block_m rows, and at most min(E, rows) experts are non-empty."""
+    worst = num_rows + min(num_experts, num_rows) * (block_m - 1)
+    return triton.cdiv(worst, block_m) * block_m
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -119,12 +120,12 @@ def _moe_scatter_kernel(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, num_rows, BLOC
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
                          num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_ids [T, K] -> (sorted_ids [P] int32, expert_ids [ceil(P / block_m)] int32 (-1: an unused
+    """topk_ids [T, K] -> (sorted_ids [P] int32, expert_ids [P / block_m] int32 (-1: an unused
     block), num_post_padded [1] int32), P = max_padded_rows(T * K, E, block_m). Sentinel rows are T * K."""
     num_rows = topk_ids.numel()
     device = topk_ids.device
     num_padded = max_padded_rows(num_rows, num_experts, block_m)
-    num_blocks = triton.cdiv(num_padded, block_m)
+    num_blocks = num_padded // block_m
     sorted_ids = torch.empty(num_padded, dtype=torch.int32, device=device)
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_post_padded = torch.empty(1, dtype=torch.int32, device=device)
