@@ -109,7 +109,7 @@ def test_fused_experts_small_float32(device, num_tokens, num_experts, top_k, hid
 def test_every_tile_config_agrees(device, num_tokens):
     x, w13, w2, weights, ids = random_moe(num_tokens, 8, 2, 64, 80, torch.float32, device, seed=1)
     ref = reference(x, w13, w2, weights, ids)
-    tiles = [moe_tiles(tokens, 2, 8) for tokens in (1, 128, 1024)]
+    tiles = [moe_tiles(tokens, 2, 8, torch.float32) for tokens in (1, 128, 1024)]
     assert len(set(tiles)) == 3  # the three tile shapes moe_tiles chooses from
     for tile in tiles:
         assert rel_err(fused_experts(x, w13, w2, weights, ids, tile), ref) < FP32_TOL

@@ -24,6 +24,7 @@ The reference (kernels/reference_moe.py) computes the same in torch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,19 @@ class MoeTiles:
     num_stages: int
 
 
-def moe_tiles(num_tokens: int, top_k: int, num_experts: int) -> MoeTiles:
+def moe_tiles(num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtype = torch.bfloat16) -> MoeTiles:
     """Tiles by the mean number of rows per expert: few rows (decode) take thin row blocks and
-    long K steps, the GEMMs being a read of the weights; many rows take square tiles."""
+    long K steps, the GEMMs being a read of the weights; many rows take larger tiles, with 8
+    warps for the two accumulators of the gate/up GEMM. float32 halves the K step, so that the
+    pipeline's stages of A, gate and up tiles fit in shared memory."""
     rows_per_expert = num_tokens * top_k / num_experts
     if rows_per_expert <= 16:
-        return MoeTiles(16, 64, 128, 1, 4, 3)
-    if rows_per_expert <= 64:
-        return MoeTiles(32, 64, 128, 8, 4, 3)
-    return MoeTiles(64, 128, 64, 8, 4, 3)
+        tiles = MoeTiles(16, 64, 128, 1, 4, 3)
+    elif rows_per_expert <= 64:
+        tiles = MoeTiles(32, 64, 128, 8, 4, 3)
+    else:
+        tiles = MoeTiles(64, 128, 64, 8, 8, 3)
+    return dataclasses.replace(tiles, block_k=tiles.block_k // 2) if dtype == torch.float32 else tiles
 
 
 def max_padded_rows(num_rows: int, num_experts: int, block_m: int) -> int:
@@ -227,7 +232,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     num_tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
-    tiles = tiles or moe_tiles(num_tokens, top_k, num_experts)
+    tiles = tiles or moe_tiles(num_tokens, top_k, num_experts, x.dtype)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     weights = topk_weights.to(torch.float32).reshape(-1)  # [T*K]
     sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, tiles.block_m, num_experts)
