@@ -232,6 +232,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     num_tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
+    if num_tokens == 0:  # no rows: nothing to launch
+        return torch.zeros_like(x)
     tiles = tiles or moe_tiles(num_tokens, top_k, num_experts, x.dtype)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     weights = topk_weights.to(torch.float32).reshape(-1)  # [T*K]
