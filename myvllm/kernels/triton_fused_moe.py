@@ -32,8 +32,10 @@ import triton
 import triton.language as tl
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Vector width of the bookkeeping kernels.
-ALIGN_BLOCK = 1024
+# Vector widths of the alignment: the one-program count walks the rows COUNT_BLOCK at a time;
+# each program of the scatter places SCATTER_BLOCK rows.
+COUNT_BLOCK = 4096
+SCATTER_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,12 @@ def supports(device: torch.device, dtype: torch.dtype) -> str | None:
 # ---- alignment ---------------------------------------------------------------------------------
 
 @triton.jit
-def _moe_count_kernel(topk_ids_ptr, cursor_ptr, expert_ids_ptr, num_post_padded_ptr, sorted_ids_ptr,
-                      num_rows, num_experts, num_blocks, num_padded,
+def _moe_count_kernel(topk_ids_ptr, cursor_ptr, expert_ids_ptr, num_post_padded_ptr,
+                      num_rows, num_experts, num_blocks,
                       BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
                       BLOCK_B: tl.constexpr):
     """One program: per-expert row counts -> each expert's first padded row (into cursor),
-    the block -> expert map, the padded total; sorted_ids filled with the sentinel."""
+    the block -> expert map, the padded total."""
     offs = tl.arange(0, BLOCK)
     counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
     for start in range(0, num_rows, BLOCK):
@@ -108,9 +110,6 @@ def _moe_count_kernel(topk_ids_ptr, cursor_ptr, expert_ids_ptr, num_post_padded_
         expert = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), axis=1)  # [BLOCK_B]
         expert = tl.where(first_row < total, expert, -1)
         tl.store(expert_ids_ptr + blocks, expert, mask=blocks < num_blocks)
-    for start in range(0, num_padded, BLOCK):
-        sentinel = tl.full((BLOCK,), 0, tl.int32) + num_rows
-        tl.store(sorted_ids_ptr + start + offs, sentinel, mask=start + offs < num_padded)
 
 
 @triton.jit
@@ -131,18 +130,17 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
     device = topk_ids.device
     num_padded = max_padded_rows(num_rows, num_experts, block_m)
     num_blocks = num_padded // block_m
-    sorted_ids = torch.empty(num_padded, dtype=torch.int32, device=device)
+    sorted_ids = torch.full((num_padded,), num_rows, dtype=torch.int32, device=device)  # sentinels
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_post_padded = torch.empty(1, dtype=torch.int32, device=device)
     cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
     flat = topk_ids.reshape(-1)
     num_bins = triton.next_power_of_2(num_experts + 1)
-    _moe_count_kernel[(1,)](flat, cursor, expert_ids, num_post_padded, sorted_ids,
-                            num_rows, num_experts, num_blocks, num_padded,
-                            BLOCK_M=block_m, NUM_BINS=num_bins, BLOCK=ALIGN_BLOCK,
-                            BLOCK_B=max(16, 4096 // num_bins))
-    _moe_scatter_kernel[(triton.cdiv(num_rows, ALIGN_BLOCK),)](flat, cursor, sorted_ids, num_rows,
-                                                               BLOCK=ALIGN_BLOCK)
+    _moe_count_kernel[(1,)](flat, cursor, expert_ids, num_post_padded, num_rows, num_experts, num_blocks,
+                            BLOCK_M=block_m, NUM_BINS=num_bins, BLOCK=COUNT_BLOCK,
+                            BLOCK_B=max(16, COUNT_BLOCK * 4 // num_bins), num_warps=8)
+    _moe_scatter_kernel[(triton.cdiv(num_rows, SCATTER_BLOCK),)](flat, cursor, sorted_ids, num_rows,
+                                                                 BLOCK=SCATTER_BLOCK)
     return sorted_ids, expert_ids, num_post_padded
 
 
