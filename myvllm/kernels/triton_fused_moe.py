@@ -84,7 +84,9 @@ def supports(device: torch.device, dtype: torch.dtype) -> str | None:
 
 # ---- alignment ---------------------------------------------------------------------------------
 
-@triton.jit
+# The row and block counts change with the token count: not specialised on, so that a new
+# token count compiles nothing (the tile sizes alone select a compiled kernel).
+@triton.jit(do_not_specialize=["num_rows", "num_blocks"])
 def _moe_count_kernel(topk_ids_ptr, cursor_ptr, expert_ids_ptr, num_post_padded_ptr,
                       num_rows, num_experts, num_blocks,
                       BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
@@ -112,7 +114,7 @@ def _moe_count_kernel(topk_ids_ptr, cursor_ptr, expert_ids_ptr, num_post_padded_
         tl.store(expert_ids_ptr + blocks, expert, mask=blocks < num_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _moe_scatter_kernel(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, num_rows, BLOCK: tl.constexpr):
     """Each row r takes the next free slot of its expert's list: sorted_ids[slot] = r."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -146,7 +148,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
 
 # ---- grouped GEMM ------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_blocks"])
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
                      N, K, num_rows, num_blocks,
                      stride_am, stride_be, stride_bn, stride_cm,
