@@ -33,7 +33,7 @@ SHAPES = {"30b-a3b": (128, 8, 2048, 768), "30b-a3b-tp2": (128, 8, 2048, 384),
           "235b-a22b-tp4": (128, 8, 4096, 384), "235b-a22b-tp8": (128, 8, 4096, 192)}
 LAYERS = 8
 SWEEP = [MoeTiles(m, n, k, g, w, s) for m, n, k, g, w, s in itertools.product(
-    (16, 32, 64, 128), (64, 128), (64, 128), (1, 16), (4,), (3,))]
+    (16, 32, 64, 128), (32, 64, 128), (64, 128), (1, 16), (4,), (3,))]
 
 
 def time_case(shape, num_tokens: int, tiles: MoeTiles | None, replays: int = 20) -> tuple[float, int]:
