@@ -358,3 +358,21 @@ def test_bench_takes_builtin_shapes_by_name(monkeypatch):
         bench.main(["--model", "dummy:qwen3-30b-a3b", "--device", "cpu", "--num-seqs", "1", "-tp", "2"])
     assert seen["model"] == "dummy:qwen3-30b-a3b" and seen["load_format"] == "dummy"
     assert seen["skip_tokenizer_init"] and seen["tensor_parallel_size"] == 2
+
+
+def test_fp8_moe_is_refused(moe_dir, tmp_path):
+    """Block-FP8 experts do not exist yet: an FP8 MoE checkpoint, or quantization='fp8' with dummy
+    weights, fails at start instead of running the experts unquantized."""
+    import json
+
+    with pytest.raises(ValueError, match="fp8.*Qwen3MoeForCausalLM.*experts"):
+        LLM(moe_dir, load_format="dummy", quantization="fp8", **SMALL_KV)
+    path = shutil.copytree(moe_dir, tmp_path / "m")
+    with open(path / "config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    with open(path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="fp8.*Qwen3MoeForCausalLM.*experts"):
+        LLM(str(path), **SMALL_KV)
