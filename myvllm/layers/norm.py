@@ -35,13 +35,6 @@ class NormPrologue:
     residual: torch.Tensor | None
     norm: RMSNorm
 
-    def normalize(self, ops) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(s), s) with s = x + residual (x alone without a residual), for a consumer that
-        is not one projection (the MoE router and experts). ops: kernels.fused_ops.FusedOps."""
-        if self.residual is None:
-            return ops.rms_norm(self.x, self.norm.weight, self.norm.eps), self.x
-        return ops.fused_add_rms_norm(self.x, self.residual, self.norm.weight, self.norm.eps)
-
     def project(self, weight: torch.Tensor, ops, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(s) @ weight.T, s) with s = x + residual (x alone without a residual); with silu the
         weight is a packed [gate; up] and silu(gate) * up is returned. ops: kernels.fused_ops.FusedOps."""
@@ -50,8 +43,9 @@ class NormPrologue:
         return ops.add_norm_linear(self.x, self.residual, self.norm.weight, self.norm.eps, weight, silu)
 
     def normalize(self, ops) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(s), s) with s = x + residual (x alone without a residual), for a projection that
-        runs on its own after the norm. ops: kernels.fused_ops.FusedOps."""
+        """(norm(s), s) with s = x + residual (x alone without a residual), for a consumer that
+        runs on its own after the norm (a quantized projection, the MoE router and experts).
+        ops: kernels.fused_ops.FusedOps."""
         if self.residual is None:
             return ops.rms_norm(self.x, self.norm.weight, self.norm.eps), self.x
         return ops.fused_add_rms_norm(self.x, self.residual, self.norm.weight, self.norm.eps)
