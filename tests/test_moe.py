@@ -76,6 +76,20 @@ def moe_reference(moe_dir, one_thread):
     return ids, [hf_greedy(hf, p, NUM_TOKENS)[0] for p in ids]
 
 
+@pytest.fixture(scope="module")
+def wide_moe(tmp_path_factory, one_thread):
+    """The routing of the published models (128 experts, top-8, renormalised) on every second
+    layer (decoder_sparse_step 2), and HF greedy continuations of PROMPTS."""
+    from transformers import AutoTokenizer
+
+    path = build_moe_checkpoint(str(tmp_path_factory.mktemp("wide-moe")), num_layers=4, mlp_only_layers=(),
+                                decoder_sparse_step=2, num_experts=128, top_k=8)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = [tok.encode(p) for p in PROMPTS]
+    hf = load_hf_moe(path)
+    return path, ids, [hf_greedy(hf, p, NUM_TOKENS)[0] for p in ids]
+
+
 def check_equal(outputs, expected):
     for i, (out, ref) in enumerate(zip(outputs, expected)):
         assert out.outputs[0].token_ids == ref, f"prompt {i}: {out.outputs[0].token_ids} != {ref}"
@@ -193,6 +207,14 @@ def test_greedy_matches_transformers_with_prefix_caching(moe_dir, moe_reference)
     assert llm.engine.block_manager.num_hits > 0
 
 
+def test_wide_routing_matches_transformers(wide_moe):
+    path, ids, expected = wide_moe
+    llm = LLM(path, kvcache_block_size=16, max_num_batched_tokens=16, **SMALL_KV)
+    layers = llm.engine.runner.model.model.layers
+    assert [type(layer.mlp).__name__ for layer in layers] == ["Qwen3MLP", "Qwen3MoeSparseBlock"] * 2
+    check_equal(run_checked(llm, ids, GREEDY), expected)
+
+
 def test_chunked_prefill_and_mixed_batches(moe_dir, moe_reference):
     ids, expected = moe_reference
     llm = LLM(moe_dir, kvcache_block_size=16, max_num_batched_tokens=7, enable_prefix_caching=False, **SMALL_KV)
@@ -305,15 +327,12 @@ def test_wrong_expert_shape_is_named(moe_dir, tmp_path, proj, cut):
 
 # ---- on a GPU ------------------------------------------------------------------------------------
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
-def test_gpu_float32_matches_transformers(moe_dir, moe_reference, eager):
+def check_on_gpu(path: str, ids: list[list[int]], expected: list[list[int]], eager: bool) -> None:
     """The CUDA path (Triton fused MoE, attention kernels, decode graphs) in float32 against
     transformers on CPU: the same greedy tokens, but for rare near ties."""
-    ids, expected = moe_reference
-    llm = LLM(moe_dir, dtype="float32", kvcache_block_size=16, enforce_eager=eager, gpu_memory_utilization=0.3,
+    llm = LLM(path, dtype="float32", kvcache_block_size=16, enforce_eager=eager, gpu_memory_utilization=0.3,
               max_model_len=256)
-    experts = llm.engine.runner.model.model.layers[0].mlp.experts
+    experts = next(layer.mlp.experts for layer in llm.engine.runner.model.model.layers if hasattr(layer.mlp, "experts"))
     assert experts.fused_experts.__module__ == "myvllm.kernels.triton_fused_moe"
     outs = run_checked(llm, ids, GREEDY)
     del llm, experts
@@ -321,6 +340,18 @@ def test_gpu_float32_matches_transformers(moe_dir, moe_reference, eager):
     torch.cuda.empty_cache()
     same = sum(o.outputs[0].token_ids == ref for o, ref in zip(outs, expected))
     assert same >= len(ids) - 1, f"{same}/{len(ids)} sequences equal transformers'"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_gpu_float32_matches_transformers(moe_dir, moe_reference, eager):
+    check_on_gpu(moe_dir, *moe_reference, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_gpu_float32_wide_routing_matches_transformers(wide_moe, eager):
+    check_on_gpu(*wide_moe, eager)
 
 
 # ---- CPU without triton; bench.py ----------------------------------------------------------------
