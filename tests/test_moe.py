@@ -136,6 +136,29 @@ def test_builtin_moe_shapes():
     assert {c.get("architecture", "Qwen3ForCausalLM") for c in BUILTIN_SHAPES.values()} == set(SUPPORTED_ARCHITECTURES)
 
 
+# config.json of the published checkpoints (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B), the fields we read
+PUBLISHED_COMMON = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=128,
+                        num_key_value_heads=4, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                        decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936, rope_theta=1000000.0,
+                        rms_norm_eps=1e-06, max_position_embeddings=40960, tie_word_embeddings=False,
+                        torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645)
+PUBLISHED = {
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32),
+    "qwen3-235b-a22b": dict(hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                            num_hidden_layers=94, num_attention_heads=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_builtin_shapes_equal_the_published_config(name, tmp_path):
+    import json
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**PUBLISHED_COMMON, **PUBLISHED[name]}, f)
+    assert ModelConfig.builtin(name) == ModelConfig.from_hf(str(tmp_path))
+
+
 def test_registry_runs_every_supported_architecture():
     from myvllm.models.registry import MODELS, model_class
 
