@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 DUMMY_STD = 0.02
+# vLLM's checkpoint names of the fp8 KV cache scales -> the attention layer's parameters
+# (layers/attention.py); a parameter marked `checkpoint_optional` keeps its value when absent.
+KV_SCALE_NAMES = {".self_attn.k_scale": ".self_attn.attn.k_scale", ".self_attn.v_scale": ".self_attn.attn.v_scale"}
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -63,6 +66,9 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
     for ckpt_part, (param_part, shard_id) in getattr(model, "packed_modules_mapping", {}).items():
         if f".{ckpt_part}." in name:
             return name.replace(f".{ckpt_part}.", f".{param_part}."), shard_id
+    for ckpt_suffix, param_suffix in KV_SCALE_NAMES.items():
+        if name.endswith(ckpt_suffix):
+            return name.removesuffix(ckpt_suffix) + param_suffix, None
     return name, None
 
 
@@ -96,7 +102,7 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Loaded]],
     for name, shards in loaded.items():
         part = name.split(".")[-2] if "." in name else name
         want = expected_shards.get(part, {None})
-        if shards != want:
+        if shards != want and not (not shards and getattr(params[name], "checkpoint_optional", False)):
             missing.append(name if want == {None} else f"{name} (shards {sorted(map(str, want - shards))})")
     if missing:
         raise ValueError(f"checkpoint lacks tensor(s): {missing[:10]}")
@@ -109,11 +115,14 @@ def load_checkpoint(model: nn.Module, path: str, tie_word_embeddings: bool) -> N
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights: N(0, DUMMY_STD) for matrices, ones for norm weights."""
+    """Random weights: N(0, DUMMY_STD) for matrices, ones for norm weights; optional parameters keep
+    their defaults."""
     gen = None
     for name, param in model.named_parameters():
         if gen is None:
             gen = torch.Generator(device=param.device).manual_seed(seed)
+        if getattr(param, "checkpoint_optional", False):
+            continue  # its default (the KV cache scales' 1.0)
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         else:

@@ -49,6 +49,14 @@ def qk_norm_rope(head_dim: int, dtypes: tuple[torch.dtype, ...], cos_sin_dtype: 
     return reason
 
 
+def qk_norm_rope_store(head_dim: int, dtypes: tuple[torch.dtype, ...], cos_sin_dtype: torch.dtype) -> str | None:
+    """qk_norm_rope_store; dtypes: those of the activations and the caches. The kernel writes caches
+    of the activations' dtype only: an fp8 cache takes qk_norm_rope and the backend's quantizing store."""
+    if torch.float8_e4m3fn in dtypes:
+        return "an fp8 KV cache: the kernel stores the activations' dtype only"
+    return qk_norm_rope(head_dim, dtypes, cos_sin_dtype)
+
+
 def silu_and_mul(width: int, dtype: torch.dtype) -> str | None:
     """silu_and_mul of rows of width [gate, up] elements."""
     if width % 2 or width < 2:
@@ -60,7 +68,7 @@ CHECKS = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": rms_norm,
     "qk_norm_rope": qk_norm_rope,
-    "qk_norm_rope_store": qk_norm_rope,
+    "qk_norm_rope_store": qk_norm_rope_store,
     "silu_and_mul": silu_and_mul,
 }
 
