@@ -34,10 +34,9 @@ def round_to_e4m3(x):
     bits = x.to(tl.int32, bitcast=True)
     # Normal range: keep 3 of float32's 23 mantissa bits, rounding the 20 dropped ones to nearest
     # even (a carry moves into the exponent, as it should).
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
-    normal = bits.to(tl.float32, bitcast=True)
-    sub = (x + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
-    sub = tl.where(x < 0, -tl.abs(sub), tl.abs(sub))  # -0.0 stays negative
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    sub = tl.abs((x + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER)
+    sub = tl.where(bits < 0, -sub, sub)  # the sign bit's: a negative value rounded to zero is -0.0
     return tl.where(tl.abs(x) < E4M3_MIN_NORMAL, sub, normal)
 
 
