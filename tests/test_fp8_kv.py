@@ -279,3 +279,65 @@ def test_fused_store_refuses_fp8(caplog):
     assert not any(a.fused_kv_store for a in layers)
     assert refusals(caplog) == ["qk_norm_rope_store: CUDA kernel not used (an fp8 KV cache: the kernel stores "
                                 "the activations' dtype only); running the torch reference instead"]
+
+
+# --------------------------------------------------------------------------------- GPU engine
+
+
+@pytest.fixture(scope="module")
+def gpu_checkpoint(tmp_path_factory):
+    from test_gpu_engine import SHAPES_06B, build_qwen3_checkpoint
+
+    return build_qwen3_checkpoint(str(tmp_path_factory.mktemp("qwen3-0.6b-fp8")), SHAPES_06B, init_std=0.1), SHAPES_06B
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 13, 64, 250])
+def test_gpu_fp8_graph_replay_equals_eager(gpu_checkpoint, batch):
+    """The Triton backend on an fp8 cache: decode graphs replay what eager steps compute."""
+    import random
+
+    from test_gpu_engine import assert_close_runs, run_engine
+
+    path, shapes = gpu_checkpoint
+    rng = random.Random(batch)
+    prompts = [[rng.randrange(shapes["vocab_size"]) for _ in range(64)] for _ in range(batch)]
+    eager, _ = run_engine(path, prompts, max_num_seqs=256, kv_cache_dtype="fp8")
+    graphs, _ = run_engine(path, prompts, max_num_seqs=256, enforce_eager=False, kv_cache_dtype="fp8")
+    assert_close_runs(eager, graphs, f"fp8 KV: graphs vs eager, batch {batch}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant, kw", [
+    ("plain", dict(enable_prefix_caching=False)),
+    ("prefix-cache", dict(repeat=2)),
+    ("chunked", dict(max_num_batched_tokens=96)),
+    ("preemption", dict(num_kv_blocks=80)),
+    ("block-256", dict(kvcache_block_size=256)),
+])
+def test_gpu_fp8_close_to_bf16_kv(gpu_checkpoint, variant, kw):
+    """bf16 model, fp8 against bf16 KV on the GPU paths (prefill, chunks, prefix hits, decode
+    graphs): the logprobs of the tokens both choose, up to the first divergence, within the
+    CPU bounds (loosened twofold for the largest)."""
+    from test_gpu_engine import make_prompts, run_engine
+
+    path, shapes = gpu_checkpoint
+    prompts = make_prompts(shapes["vocab_size"])
+    bf16, _ = run_engine(path, prompts, enforce_eager=False, **kw)
+    fp8, stats = run_engine(path, prompts, enforce_eager=False, kv_cache_dtype="fp8", **kw)
+    if variant == "prefix-cache":
+        assert stats["hits"] > 0
+    if variant == "preemption":
+        assert stats["preemptions"] > 0
+    diffs, same = [], 0
+    for a, b in zip(bf16, fp8):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        same += ta == tb
+        for j, (step_a, step_b) in enumerate(zip(a.outputs[0].logprobs, b.outputs[0].logprobs)):
+            if ta[j] != tb[j]:  # the contexts differ from here on
+                break
+            diffs.append(abs(step_a[ta[j]].logprob - step_b[ta[j]].logprob))
+    diffs = torch.tensor(diffs)
+    print(f"\n[fp8 vs bf16 KV, {variant}] identical sequences {same}/{len(prompts)}, mean |logprob diff| "
+          f"{diffs.mean():.4f}, max {diffs.max():.4f}")
+    assert diffs.mean() < RANDOM_BOUNDS[0] and diffs.max() < 2 * RANDOM_BOUNDS[1]
