@@ -141,6 +141,12 @@ def test_prefill_fp8(device, block_size, group):
                 10 + group)
 
 
+@pytest.mark.parametrize("device,dtype", cases([CPU, CUDA], (torch.bfloat16,), (torch.float16,)))
+def test_prefill_fp8_half_queries(device, dtype):
+    """bf16 queries take the fp16 products (fp8_dot_operand), fp16 ones stay."""
+    run_prefill(device, [20, 1, 40], [13, 50, 0], 16, 4, 2, 64, dtype, 12, LARGE_TOL)
+
+
 @pytest.mark.parametrize("device", [CPU, CUDA])
 def test_prefill_fp8_block_256_and_query_tiles(device):
     run_prefill(device, [150, 3, 17], [10, 300, 0], 256, 2, 1, 64, torch.float32, 11)
@@ -204,6 +210,11 @@ def run_decode(device, seq_lens, block_size, num_heads, num_kv_heads, head_dim, 
 def test_decode_fp8(device, num_splits, group, head_dim):
     run_decode(device, [1, 0, 150, 64, 17], 16, 2 * group, 2, head_dim, num_splits, torch.float32,
                100 + num_splits + group)
+
+
+@pytest.mark.parametrize("device,dtype", cases([CPU, CUDA], (torch.bfloat16,), (torch.float16,)))
+def test_decode_fp8_half_queries(device, dtype):
+    run_decode(device, [90, 33, 0, 200], 16, 4, 2, 64, 4, dtype, 13, LARGE_TOL)
 
 
 DECODE_MATRIX = [

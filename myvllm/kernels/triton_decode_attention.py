@@ -10,8 +10,9 @@ output and its log-sum-exp (natural log). A split with no tokens writes only lse
 Stage 2, grid `(B, H)`: merges the splits of one head by their log-sum-exp into out.
 With one split (large batches) stage 1 writes out itself and stage 2 is not launched.
 
-An fp8 (e4m3) cache is read as it is stored: each tile is converted to q's dtype in
-registers, the KV head's K scale is folded into the softmax scale and its V scale into the
+An fp8 (e4m3) cache is read as it is stored: each tile is converted in registers to the
+dtype of the products (`fp8_dot_operand`: fp16 for a bf16 model), the KV head's K scale
+is folded into the softmax scale and its V scale into the
 program's output, so the values are never dequantized in memory.
 
 On sm_90+ both stages go out with programmatic dependent launch (see launches_pdl).
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from myvllm.kernels.triton_kv_store import check_kv_scales
-from myvllm.kernels.triton_prefill_attention import LOG2E, kv_token_offsets
+from myvllm.kernels.triton_prefill_attention import LOG2E, fp8_dot_operand, kv_token_offsets
 
 MIN_GROUP_ROWS = 16  # smallest M of tl.dot
 MAX_SPLITS = 16
@@ -98,6 +99,8 @@ def _decode_split_kernel(
         mask=group_mask[:, None],
         other=0.0,
     )  # [G, D]
+    if FP8:
+        q = fp8_dot_operand(q)
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_cache_head

@@ -10,8 +10,9 @@ flash-attention online softmax in float32 (base 2, log2(e) folded into the scale
 KV tiles that every query of the tile sees are processed without masks; the tiles
 that cross the causal diagonal are masked; tiles above it are never loaded.
 
-An fp8 (e4m3) cache is read as it is stored: each tile is converted to q's dtype in
-registers, the KV head's K scale is folded into the softmax scale and its V scale into the
+An fp8 (e4m3) cache is read as it is stored: each tile is converted in registers to the
+dtype of the products (`fp8_dot_operand`: fp16 for a bf16 model), the KV head's K scale
+is folded into the softmax scale and its V scale into the
 output, so the values are never dequantized in memory.
 """
 
@@ -24,6 +25,17 @@ import triton.language as tl
 from myvllm.kernels.triton_kv_store import check_kv_scales
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def fp8_dot_operand(q):
+    """The dtype the products with e4m3 K and V tiles run in: a bf16 q goes to fp16 (clamped to
+    its range), since every e4m3 value is exact in fp16 and e4m3 converts to fp16 in one
+    instruction, and fp16 keeps three more bits of q and of the probabilities; float32 and fp16
+    stay."""
+    if q.dtype == tl.bfloat16:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return q
 
 
 @triton.jit
@@ -104,6 +116,8 @@ def _prefill_attention_kernel(
         mask=row_mask[:, None],
         other=0.0,
     )  # [BM, D]
+    if FP8:
+        q = fp8_dot_operand(q)
     q_pos = ctx_len + offs_m  # [BM]
 
     # Keys [0, full_end) are visible to every query of the tile; keys [full_end, kv_end)
