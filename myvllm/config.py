@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from myvllm.kernels.reference import FP8_KV_DTYPE
+
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -28,7 +30,6 @@ LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 # kv_cache_dtype: "auto" stores K/V in the model's dtype; vLLM's fp8 names store float8 e4m3
 # (value / scale, per layer and KV head), halving the cache's bytes per token.
-FP8_KV_DTYPE = torch.float8_e4m3fn
 KV_CACHE_DTYPES = {"auto": None, "fp8": FP8_KV_DTYPE, "fp8_e4m3": FP8_KV_DTYPE}
 FP8_MIN_CAPABILITY = (8, 9)  # the first GPUs with float8 conversions (Ada, Hopper)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
