@@ -256,29 +256,33 @@ def test_flash_attn_does_not_read_fp8():
     assert choose_backend_name("auto", torch.device("cpu"), 256, "fp8")[0] == "torch"
 
 
-def test_fused_store_refuses_fp8(caplog):
-    """With an fp8 cache the layer takes the q/k op and the backend's quantizing store; the fused
-    op's refusal is logged once, naming the reason."""
+def test_fused_store_takes_fp8(caplog):
+    """The fused q/k norm + rotary + store op quantizes into an fp8 cache: bound to one, the layers
+    keep it where the head_dim suits it; elsewhere its refusal names the head_dim, as for bf16."""
     import logging
 
     from test_kernel_support import forced_kernels, refusals
 
     from myvllm.attention.torch_backend import TorchAttentionBackend
     from myvllm.kernels import fused_ops
+    from myvllm.kernels.cuda import support
     from myvllm.layers.attention import Attention
     from myvllm.layers.rotary import RotaryEmbedding
 
+    bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    assert support.qk_norm_rope_store(128, (bf16, bf16, fp8, fp8), torch.float32) is None
+    assert "mixed dtypes" in support.qk_norm_rope_store(128, (bf16, torch.float16, fp8), torch.float32)
     caplog.set_level(logging.INFO, logger=fused_ops.__name__)
     ops = forced_kernels()
-    layers = [Attention(4, 2, 128, 128**-0.5, RotaryEmbedding(128, 64, 1e4), TorchAttentionBackend(), ops,
-                        torch.bfloat16) for _ in range(3)]
-    assert all(a.fused_kv_store for a in layers)  # a bf16 cache: the fused op
-    cache = torch.zeros(2, 16, 2, 128, dtype=torch.float8_e4m3fn)
-    for a in layers:
-        a.bind_kv_cache(cache, cache)
-    assert not any(a.fused_kv_store for a in layers)
-    assert refusals(caplog) == ["qk_norm_rope_store: CUDA kernel not used (an fp8 KV cache: the kernel stores "
-                                "the activations' dtype only); running the torch reference instead"]
+    for head_dim in (128, 32):
+        layers = [Attention(4, 2, head_dim, head_dim**-0.5, RotaryEmbedding(head_dim, 64, 1e4),
+                            TorchAttentionBackend(), ops, bf16) for _ in range(3)]
+        cache = torch.zeros(2, 16, 2, head_dim, dtype=fp8)
+        for a in layers:
+            a.bind_kv_cache(cache, cache)
+        assert all(a.fused_kv_store == (head_dim == 128) for a in layers)
+    assert refusals(caplog) == ["qk_norm_rope_store: CUDA kernel not used (head_dim 32 not in [64, 128, 256]); "
+                                "running the torch reference instead"]
 
 
 # --------------------------------------------------------------------------------- GPU engine

@@ -274,3 +274,58 @@ def test_decode_fp8_graph_replay_equals_eager(batch):
         replayed = out.clone()
         step()
         assert torch.equal(replayed, out)
+
+
+# ------------------------------------------------------------------- fused CUDA store (GPU)
+
+
+def e4m3_steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many e4m3 values lie between a and b (fp8 tensors of one shape), elementwise."""
+    def ordinal(x):  # e4m3 codes in the order of their values
+        code = bits(x).to(torch.int32)
+        return torch.where(code >= 128, 128 - code, code)
+    return (ordinal(a) - ordinal(b)).abs()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads", [(16, 8, 128), (32, 4, 64), (8, 8, 256)], ids=lambda h: "H{}-Hkv{}-D{}".format(*h))
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+def test_fused_qk_norm_rope_store_fp8(num_tokens, heads, dtype):
+    """The CUDA q/k norm + rotary + store op into fp8 caches against the reference: V bit for bit,
+    K within one e4m3 step (K is the op's own normalised, rotated row, which may differ from the
+    reference's by one rounding of the input dtype), slots of -1 and unasked slots untouched."""
+    from test_cuda_kernels import EPS, make_cache, make_positions, norm_weight
+
+    from myvllm.kernels.fused_ops import FusedOps
+
+    ops = FusedOps(use_cuda_kernels=True, device="cuda")
+    assert ops.uses_cuda_kernels and ops.supports("qk_norm_rope_store", heads[2], (dtype, FP8_KV_DTYPE), torch.float32)
+    num_heads, num_kv_heads, head_dim = heads
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens + head_dim)
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    qkv = (30 * torch.randn(num_tokens, width, device="cuda", generator=gen)).to(dtype)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1))
+    q_weight, k_weight = norm_weight(head_dim, dtype), norm_weight(head_dim, dtype)
+    cos_sin, positions = make_cache(head_dim, torch.float32), make_positions(num_tokens)
+    k_scale, v_scale = random_scales(num_kv_heads, gen), random_scales(num_kv_heads, gen)
+    num_blocks, block_size = 2 + num_tokens // 16, 16
+    slots = torch.randperm(num_blocks * block_size, device="cuda", generator=gen)[:num_tokens]
+    slots[::3] = -1
+    fill = torch.tensor(0x7F, dtype=torch.uint8, device="cuda").view(FP8_KV_DTYPE)  # NaN: unwritten
+    caches = [fill.expand(num_blocks, block_size, num_kv_heads, head_dim).clone() for _ in range(4)]
+    args = (q, k, v, q_weight, k_weight, EPS, positions, cos_sin)
+    q_out, k_out = ops.qk_norm_rope_store(*args, caches[0], caches[1], slots, k_scale, v_scale)
+    q_ref, k_ref = reference.qk_norm_rope_store(*args, caches[2], caches[3], slots, k_scale, v_scale)
+    torch.testing.assert_close(q_out.float(), q_ref.float(), rtol=2e-2, atol=2e-2)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device="cuda")
+    written[slots[slots >= 0]] = True
+    k_ours, v_ours, k_theirs, v_theirs = (c.view(-1, num_kv_heads, head_dim) for c in caches)
+    assert (bits(k_ours[~written]) == 0x7F).all() and (bits(v_ours[~written]) == 0x7F).all()
+    assert torch.equal(bits(v_ours[written]), bits(v_theirs[written]))
+    steps = e4m3_steps_apart(k_ours[written], k_theirs[written])
+    assert steps.max() <= 1 and steps.float().mean() < 0.05, (steps.max(), steps.float().mean())
+    # the K the op returns is the one it quantized
+    requant = reference.quantize_kv(k_out[slots >= 0], FP8_KV_DTYPE, k_scale)
+    assert torch.equal(bits(k_ours[slots[slots >= 0]]), bits(requant))

@@ -75,7 +75,7 @@ class Attention(nn.Module):
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         if self.fused_kv_store:  # one kernel normalises and rotates q and k and writes K and V
             q, k = self.ops.qk_norm_rope_store(q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, positions, cos_sin,
-                                               self.k_cache, self.v_cache, meta.slot_mapping)
+                                               self.k_cache, self.v_cache, meta.slot_mapping, **scales)
         else:
             q, k = self.ops.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, q_norm.eps, positions, cos_sin)
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)

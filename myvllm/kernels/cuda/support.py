@@ -50,11 +50,9 @@ def qk_norm_rope(head_dim: int, dtypes: tuple[torch.dtype, ...], cos_sin_dtype: 
 
 
 def qk_norm_rope_store(head_dim: int, dtypes: tuple[torch.dtype, ...], cos_sin_dtype: torch.dtype) -> str | None:
-    """qk_norm_rope_store; dtypes: those of the activations and the caches. The kernel writes caches
-    of the activations' dtype only: an fp8 cache takes qk_norm_rope and the backend's quantizing store."""
-    if torch.float8_e4m3fn in dtypes:
-        return "an fp8 KV cache: the kernel stores the activations' dtype only"
-    return qk_norm_rope(head_dim, dtypes, cos_sin_dtype)
+    """qk_norm_rope_store; dtypes: those of the activations and the caches, which hold the
+    activations' dtype or float8_e4m3fn (the op then quantizes with the layer's scales)."""
+    return qk_norm_rope(head_dim, tuple(d for d in dtypes if d != torch.float8_e4m3fn), cos_sin_dtype)
 
 
 def silu_and_mul(width: int, dtype: torch.dtype) -> str | None:
