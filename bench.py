@@ -2,6 +2,7 @@
 
     python bench.py --dummy                    # random weights with Qwen3-0.6B shapes
     python bench.py --model dummy:qwen3-30b-a3b   # random weights with other built-in shapes
+    python bench.py --dummy --kv-cache-dtype fp8   # the same with an fp8 KV cache
     python bench.py --model ./huggingface/Qwen3-0.6B --json out.json
     python bench.py --dummy --quantization fp8  # random block-FP8 weights, Qwen3-0.6B shapes
     python bench.py --model dummy:qwen3-8b --quantization fp8  # another built-in shape set
@@ -29,7 +30,7 @@ from random import randint, seed
 import torch
 
 from myvllm import LLM, SamplingParams
-from myvllm.config import BUILTIN_SHAPES, DUMMY_PREFIX, resolve_device
+from myvllm.config import BUILTIN_SHAPES, DUMMY_PREFIX, KV_CACHE_DTYPES, resolve_device
 
 logger = logging.getLogger("bench")
 
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + output tokens of one sequence")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per KV cache block")
     parser.add_argument("--attention-backend", default="auto", help="auto, torch, triton or flash_attn")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES),
+                        help="auto (the model's dtype) or fp8 / fp8_e4m3 (float8 e4m3, scales from the checkpoint "
+                             "or 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's random prompts and lengths")
     parser.add_argument("--num-decode-passes", "--num-scheduler-steps", type=int, default=8,
                         help="forward passes a decode-only batch runs per schedule")
@@ -176,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = default_workload(args, device)
     engine_args = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                        kvcache_block_size=args.block_size, attention_backend=args.attention_backend,
+                       kv_cache_dtype=args.kv_cache_dtype,
                        num_decode_passes=args.num_decode_passes,
                        async_scheduling=not args.no_async_scheduling, device=args.device, dtype=args.dtype,
                        quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)

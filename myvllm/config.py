@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from myvllm.kernels.reference import FP8_KV_DTYPE
 from myvllm.layers.quantization.config import QUANTIZATION_METHODS, Fp8Config
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
@@ -30,6 +31,10 @@ DTYPES = {
 }
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+# kv_cache_dtype: "auto" stores K/V in the model's dtype; vLLM's fp8 names store float8 e4m3
+# (value / scale, per layer and KV head), halving the cache's bytes per token.
+KV_CACHE_DTYPES = {"auto": None, "fp8": FP8_KV_DTYPE, "fp8_e4m3": FP8_KV_DTYPE}
+FP8_MIN_CAPABILITY = (8, 9)  # the first GPUs with float8 conversions (Ada, Hopper)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 DUMMY_PREFIX = "dummy:"
 
@@ -122,6 +127,11 @@ class EngineConfig:
     seed: int = 0
     skip_tokenizer_init: bool = False
     attention_backend: str = "auto"
+    # "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (float8 e4m3 with a scale per layer and KV head:
+    # 1.0, the checkpoint's k_scale / v_scale, or measured at start-up when calculate_kv_scales).
+    kv_cache_dtype: str = "auto"
+    # Measure the fp8 KV scales from a calibration forward at start-up instead of reading them.
+    calculate_kv_scales: bool = False
     # KV pool size on CPU, where there is no device memory to measure.
     cpu_kv_cache_gib: float = 1.0
     # Fixes the number of KV blocks (tests use it to force a tiny pool).
@@ -170,12 +180,16 @@ class EngineConfig:
                 f"[{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
             )
         for name in ("enable_prefix_caching", "enforce_eager", "skip_tokenizer_init", "use_cuda_kernels",
-                     "async_scheduling"):
+                     "async_scheduling", "calculate_kv_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("quantization", self.quantization, (None, *QUANTIZATION_METHODS))
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.calculate_kv_scales and KV_CACHE_DTYPES[self.kv_cache_dtype] is None:
+            raise ValueError(f"calculate_kv_scales=True needs an fp8 KV cache, but kv_cache_dtype="
+                             f"{self.kv_cache_dtype!r}: use kv_cache_dtype='fp8'")
         _check_int("seed", self.seed, 0)
         ckv = self.cpu_kv_cache_gib
         if isinstance(ckv, bool) or not isinstance(ckv, (int, float)) or not ckv > 0:
@@ -190,6 +204,14 @@ class EngineConfig:
         self._check_generation_config()
         device = resolve_device(self.device)
         object.__setattr__(self, "device", str(device))
+        if KV_CACHE_DTYPES[self.kv_cache_dtype] is not None and device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if capability < FP8_MIN_CAPABILITY:
+                raise ValueError(
+                    f"kv_cache_dtype={self.kv_cache_dtype!r} needs a GPU of compute capability "
+                    f"{'.'.join(map(str, FP8_MIN_CAPABILITY))} or later, but {device} has "
+                    f"{'.'.join(map(str, capability))}: use kv_cache_dtype='auto'"
+                )
         tp = self.tensor_parallel_size
         if device.type == "cuda" and device.index + tp > torch.cuda.device_count():
             raise ValueError(
@@ -413,6 +435,11 @@ class ModelConfig:
 
     def resolve_dtype(self, dtype: str) -> torch.dtype:
         return self.torch_dtype if dtype == "auto" else DTYPES[dtype]
+
+    @staticmethod
+    def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the KV cache stores for EngineConfig.kv_cache_dtype ("auto": the model's)."""
+        return KV_CACHE_DTYPES[kv_cache_dtype] or model_dtype
 
     def kv_bytes_per_token(self, dtype: torch.dtype, tp_size: int = 1) -> int:
         kv_heads = max(1, self.num_key_value_heads // tp_size)

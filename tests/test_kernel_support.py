@@ -120,9 +120,9 @@ def test_without_the_fused_op_the_backend_stores_kv() -> None:
     calls = []
 
     class Recording(TorchAttentionBackend):
-        def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        def store_kv(self, k, v, k_cache, v_cache, slot_mapping, **scales) -> None:
             calls.append(k.shape)
-            super().store_kv(k, v, k_cache, v_cache, slot_mapping)
+            super().store_kv(k, v, k_cache, v_cache, slot_mapping, **scales)
 
     torch.manual_seed(0)
     rotary = RotaryEmbedding(32, 64, 10000.0)

@@ -38,6 +38,11 @@ class AttentionBackend(ABC):
     Cache layout for all backends: [num_blocks, block_size, num_kv_heads, head_dim]
     for K and for V, slot = block_id * block_size + offset. The attention layer decides
     whether `store_kv` runs (layers/attention.py): a fused CUDA op may have written K/V already.
+
+    An fp8 cache (float8_e4m3fn) holds K / k_scale and V / v_scale, with the layer's scales
+    [num_kv_heads] float32 (one per KV head); `store_kv` quantizes and `forward` reads the values
+    times their scales. Caches of the model's dtype ignore the scales. flash-attn reads no fp8
+    cache (attention/selector.py never pairs them).
     """
 
     name: str = "abstract"
@@ -53,6 +58,8 @@ class AttentionBackend(ABC):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,  # [T] int64, -1 = write nothing
+        k_scale: torch.Tensor | None = None,  # [Hkv] float32, used by fp8 caches
+        v_scale: torch.Tensor | None = None,
     ) -> None:
         """Write k and v into the caches at slot_mapping."""
 
@@ -64,6 +71,8 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,  # [Hkv] float32, used by fp8 caches
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, H, D]
         """Attend over the caches, which already hold this step's K/V."""
 

@@ -26,10 +26,11 @@ class FlashAttnBackend(AttentionBackend):
         if not meta.is_decode_only:  # cumulative key lengths for the varlen call
             meta.backend_state = F.pad(torch.cumsum(meta.seq_lens, 0, dtype=torch.int32), (1, 0))
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
         store_kvcache(k, v, k_cache, v_cache, slot_mapping)
 
-    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
+                v_scale=None) -> torch.Tensor:
         if meta.is_decode_only:
             out = self._with_kvcache(
                 q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens,

@@ -21,14 +21,21 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def choose_backend_name(requested: str, device: torch.device, block_size: int) -> tuple[str, str]:
-    """(backend name, reason) for attention_backend=requested."""
+def choose_backend_name(requested: str, device: torch.device, block_size: int,
+                        kv_cache_dtype: str = "auto") -> tuple[str, str]:
+    """(backend name, reason) for attention_backend=requested and EngineConfig.kv_cache_dtype
+    (flash-attn reads no fp8 KV cache)."""
+    fp8_kv = kv_cache_dtype != "auto"
     if requested != "auto":
         # On CPU, Triton kernels run only through Triton's interpreter (tests use it).
         interpreted = requested == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
         if device.type == "cpu" and requested != "torch" and not interpreted:
             raise ValueError(f"attention_backend={requested!r} needs CUDA; on CPU use 'torch' or 'auto'")
         if requested == "flash_attn":
+            if fp8_kv:
+                raise ValueError(f"attention_backend='flash_attn' does not read an fp8 KV cache "
+                                 f"(kv_cache_dtype={kv_cache_dtype!r}): use attention_backend='triton' or "
+                                 f"'auto', or kv_cache_dtype='auto'")
             if not flash_attn_available():
                 raise ValueError("attention_backend='flash_attn' but the flash_attn package is not installed")
             if block_size % FLASH_ATTN_BLOCK_MULTIPLE:
@@ -39,6 +46,8 @@ def choose_backend_name(requested: str, device: torch.device, block_size: int) -
         return requested, "asked for"
     if device.type == "cpu":
         return "torch", "the device is a CPU"
+    if fp8_kv:
+        return "triton", f"kv_cache_dtype={kv_cache_dtype!r}, which flash_attn does not read"
     if not flash_attn_available():
         return "triton", "flash_attn is not installed"
     if block_size % FLASH_ATTN_BLOCK_MULTIPLE:
@@ -47,8 +56,8 @@ def choose_backend_name(requested: str, device: torch.device, block_size: int) -
 
 
 def create_backend(requested: str, device: torch.device, block_size: int, num_heads: int, head_dim: int,
-                   max_num_seqs: int, max_model_len: int) -> AttentionBackend:
-    name, why = choose_backend_name(requested, device, block_size)
+                   max_num_seqs: int, max_model_len: int, kv_cache_dtype: str = "auto") -> AttentionBackend:
+    name, why = choose_backend_name(requested, device, block_size, kv_cache_dtype)
     logger.info("attention backend: %s (%s)", name, why)
     if name == "torch":
         from myvllm.attention.torch_backend import TorchAttentionBackend

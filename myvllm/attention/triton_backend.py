@@ -3,7 +3,7 @@
 Decode-only steps use the split-KV (flash-decoding) kernel, whose grid depends
 only on the batch size, so it replays inside CUDA graphs; every other step
 (prefill, chunked prefill, prefix hits, mixed prefill + decode) uses the varlen
-paged kernel.
+paged kernel. All three read and write fp8 caches with their per-KV-head scales.
 """
 
 from __future__ import annotations
@@ -46,18 +46,19 @@ class TritonAttentionBackend(AttentionBackend):
     def init_graph_buffers(self, max_batch_size: int) -> None:
         self._ensure_workspace(max_batch_size)
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
-        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
-    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
+                v_scale=None) -> torch.Tensor:
         out = torch.empty_like(q)
         if meta.is_decode_only:
             # Fewer splits when the batch alone fills the GPU; depends only on B, so graph-safe.
             splits = default_num_splits(self.max_model_len, self.block_size, batch_size=q.shape[0],
                                         num_kv_heads=k_cache.shape[2], num_sms=self.num_sms)
             decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale,
-                             self.partial_out, self.partial_lse, splits)
+                             self.partial_out, self.partial_lse, splits, k_scale, v_scale)
         else:
             prefill_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
-                              meta.block_tables, meta.max_query_len, scale)
+                              meta.block_tables, meta.max_query_len, scale, k_scale, v_scale)
         return out

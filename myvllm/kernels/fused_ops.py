@@ -84,11 +84,14 @@ class FusedOps:
 
     def qk_norm_rope_store(self, q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float,
                            positions: Tensor, cos_sin_cache: Tensor, k_cache: Tensor, v_cache: Tensor,
-                           slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+                           slot_mapping: Tensor, k_scale: Tensor | None = None,
+                           v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """qk_norm_rope, and the step's K (normalised, rotated) and V written into the paged caches
-        [num_blocks, block_size, Hkv, D] at slot_mapping [T] (slot -1: nothing)."""
+        [num_blocks, block_size, Hkv, D] at slot_mapping [T] (slot -1: nothing); fp8 caches get
+        K / k_scale and V / v_scale ([Hkv] float32), as reference.quantize_kv."""
         dtypes = (q.dtype, k.dtype, v.dtype, q_weight.dtype, k_weight.dtype, k_cache.dtype, v_cache.dtype)
-        args = (q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+        args = (q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                k_scale, v_scale)
         if self.supports("qk_norm_rope_store", q.shape[-1], dtypes, cos_sin_cache.dtype):
             return self._kernel["qk_norm_rope_store"](*args)
         return reference.qk_norm_rope_store(*args)

@@ -97,23 +97,48 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_KV_DTYPE).max  # 448: the largest finite e4m3 value
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [T, Hkv, D] as a cache of cache_dtype holds it. An fp8 cache holds x / scale (scale [Hkv]
+    float32, one per KV head), divided in float32, saturated to +-FP8_MAX and rounded to nearest
+    even; any other cache holds x in its dtype (scale unused)."""
+    if cache_dtype != FP8_KV_DTYPE:
+        return x.to(cache_dtype)
+    assert scale is not None, "an fp8 KV cache needs its scales"
+    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Cache contents [..., Hkv, D] in float32: fp8 values times their KV head's scale [Hkv]."""
+    if x.dtype != FP8_KV_DTYPE:
+        return x.float()
+    assert scale is not None, "an fp8 KV cache needs its scales"
+    return x.float() * scale[:, None]
+
+
 def store_kvcache(
     key: torch.Tensor,
     value: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Scatter key/value [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D].
 
-    slot = block_id * block_size + offset; slot -1 writes nothing.
+    slot = block_id * block_size + offset; slot -1 writes nothing. fp8 caches store
+    quantize_kv(key, k_scale) and quantize_kv(value, v_scale); the scales are [Hkv] float32.
     """
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    k_flat[slots] = key[valid].to(k_cache.dtype)
-    v_flat[slots] = value[valid].to(v_cache.dtype)
+    k_flat[slots] = quantize_kv(key[valid], k_cache.dtype, k_scale)
+    v_flat[slots] = quantize_kv(value[valid], v_cache.dtype, v_scale)
 
 
 def gather_kv(
@@ -134,6 +159,8 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of new queries over each sequence's paged KV.
 
@@ -142,7 +169,8 @@ def paged_attention(
     tokens (the new tokens' K/V are already in the cache). Query i of a sequence
     with q_len new tokens sits at position seq_len - q_len + i and sees keys at
     positions <= its own. A sequence with seq_len 0 (graph padding) yields zeros.
-    Returns [T, H, D] in q's dtype; computed in float32.
+    Returns [T, H, D] in q's dtype; computed in float32. fp8 caches are read as their
+    values times k_scale / v_scale [Hkv] (dequantize_kv).
     """
     out = torch.zeros_like(q)
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
@@ -154,8 +182,8 @@ def paged_attention(
         q_len = end - start
         if q_len == 0 or seq_len == 0:
             continue
-        k = gather_kv(k_cache, block_tables[b], seq_len).float()  # [S, Hkv, D]
-        v = gather_kv(v_cache, block_tables[b], seq_len).float()
+        k = dequantize_kv(gather_kv(k_cache, block_tables[b], seq_len), k_scale)  # [S, Hkv, D] float32
+        v = dequantize_kv(gather_kv(v_cache, block_tables[b], seq_len), v_scale)
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         qb = q[start:end].float().transpose(0, 1)  # [H, q_len, D]
@@ -181,8 +209,11 @@ def qk_norm_rope_store(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """qk_norm_rope, then the normalised, rotated k and v stored into the caches at slot_mapping."""
+    """qk_norm_rope, then the normalised, rotated k and v stored into the caches at slot_mapping
+    (as store_kvcache does, scales included)."""
     q_out, k_out = qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)
-    store_kvcache(k_out, v, k_cache, v_cache, slot_mapping)
+    store_kvcache(k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q_out, k_out

@@ -10,6 +10,11 @@ output and its log-sum-exp (natural log). A split with no tokens writes only lse
 Stage 2, grid `(B, H)`: merges the splits of one head by their log-sum-exp into out.
 With one split (large batches) stage 1 writes out itself and stage 2 is not launched.
 
+An fp8 (e4m3) cache is read as it is stored: each tile is converted in registers to the
+dtype of the products (`fp8_dot_operand`: fp16 for a bf16 model), the KV head's K scale
+is folded into the softmax scale and its V scale into the
+program's output, so the values are never dequantized in memory.
+
 On sm_90+ both stages go out with programmatic dependent launch (see launches_pdl).
 
 The launch reads no device data on the host and its grid depends only on B and
@@ -25,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from myvllm.kernels.triton_prefill_attention import LOG2E, kv_token_offsets
+from myvllm.kernels.triton_kv_store import check_kv_scales
+from myvllm.kernels.triton_prefill_attention import LOG2E, fp8_dot_operand, kv_token_offsets
 
 MIN_GROUP_ROWS = 16  # smallest M of tl.dot
 MAX_SPLITS = 16
@@ -41,6 +47,8 @@ def _decode_split_kernel(
     partial_out_ptr,  # [B_max, H, S_max, D] float32
     partial_lse_ptr,  # [B_max, H, S_max] float32
     out_ptr,  # [B, H, D]: written directly when NUM_SPLITS == 1
+    k_scale_ptr,  # [Hkv] float32, read when FP8
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -62,6 +70,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,  # cache block size
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,  # the caches hold e4m3 values times a per-KV-head scale
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (see launches_pdl)
 ):
     kv_head = tl.program_id(0)  # the KV heads of one token are adjacent in the cache: their
@@ -69,6 +78,10 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)  # a step input: may be read before the wait
+    v_scale = 1.0
+    if FP8:  # set at start-up: may be read before the wait too
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
     if USE_PDL:  # q and the newest K/V come from the kernel before
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -86,6 +99,8 @@ def _decode_split_kernel(
         mask=group_mask[:, None],
         other=0.0,
     )  # [G, D]
+    if FP8:
+        q = fp8_dot_operand(q)
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_cache_head
@@ -101,6 +116,9 @@ def _decode_split_kernel(
         )
         k = tl.load(k_base + kv_off[:, None] + offs_d[None, :], mask=token_mask[:, None], other=0.0)
         v = tl.load(v_base + kv_off[:, None] + offs_d[None, :], mask=token_mask[:, None], other=0.0)
+        if FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, BN]
         qk = tl.where(token_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -113,7 +131,7 @@ def _decode_split_kernel(
 
     # An empty split writes only lse = -inf (the merge then reads nothing else of it).
     nonempty = l_i > 0.0
-    acc = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    acc = acc * (v_scale / tl.where(nonempty, l_i, 1.0))[:, None]
     if NUM_SPLITS == 1:  # the whole context in one program: no merge (an empty one gives zeros)
         tl.store(
             out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -262,20 +280,25 @@ def decode_attention(
     partial_out: torch.Tensor,
     partial_lse: torch.Tensor,
     num_splits: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV; writes and returns out `[B, H, D]`.
 
     q `[B, H, D]` (unit stride on D); caches `[num_blocks, block_size, Hkv, D]`;
     seq_lens `[B]` int32 (including the new token); block_tables `[B, max_blocks]` int32;
     partial_out `[B_max, H, S_max, D]` / partial_lse `[B_max, H, S_max]` float32 workspace
-    with B_max >= B and S_max >= num_splits.
+    with B_max >= B and S_max >= num_splits. fp8 caches need k_scale / v_scale `[Hkv]` float32
+    (the stored values times them are the keys and values); other caches ignore them.
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert out.shape == q.shape and q.stride(-1) == 1 and out.stride(-1) == 1
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.shape[3] == head_dim and k_cache.stride(3) == 1
-    assert num_heads % num_kv_heads == 0 and q.dtype == k_cache.dtype == v_cache.dtype
+    assert num_heads % num_kv_heads == 0 and k_cache.dtype == v_cache.dtype
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale)
+    assert fp8 or q.dtype == k_cache.dtype
     assert head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0
     assert seq_lens.shape == (batch,) and block_tables.shape[0] >= batch
     assert partial_out.dtype == torch.float32 and partial_lse.dtype == torch.float32
@@ -297,6 +320,8 @@ def decode_attention(
         partial_out,
         partial_lse,
         out,
+        k_scale if fp8 else seq_lens,  # never read unless FP8
+        v_scale if fp8 else seq_lens,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -318,6 +343,7 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8=fp8,
         USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -55,8 +55,8 @@ def moe_tiles(num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtype 
     """Tiles by the mean number of rows per expert: few rows (decode) take thin row blocks and
     long K steps, the GEMMs being a read of the weights; many rows take larger tiles, with 8
     warps for the two accumulators of the gate/up GEMM. Programs run GROUP_M row blocks per
-    weight tile, so the blocks of one expert read its weights from L2 after the first. float32 halves the K step, so that the
-    pipeline's stages of A, gate and up tiles fit in shared memory."""
+    weight tile, so the blocks of one expert read its weights from L2 after the first. float32
+    halves the K step, so that the pipeline's stages of A, gate and up tiles fit in shared memory."""
     rows_per_expert = num_tokens * top_k / num_experts
     if rows_per_expert <= 16:
         tiles = MoeTiles(16, 64, 128, 8, 4, 3)

@@ -9,6 +9,11 @@ sequence's KV through the block table in tiles of BLOCK_N tokens, with a
 flash-attention online softmax in float32 (base 2, log2(e) folded into the scale).
 KV tiles that every query of the tile sees are processed without masks; the tiles
 that cross the causal diagonal are masked; tiles above it are never loaded.
+
+An fp8 (e4m3) cache is read as it is stored: each tile is converted in registers to the
+dtype of the products (`fp8_dot_operand`: fp16 for a bf16 model), the KV head's K scale
+is folded into the softmax scale and its V scale into the
+output, so the values are never dequantized in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
+from myvllm.kernels.triton_kv_store import check_kv_scales
+
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def fp8_dot_operand(q):
+    """The dtype the products with e4m3 K and V tiles run in: a bf16 q goes to fp16 (clamped to
+    its range), since every e4m3 value is exact in fp16 and e4m3 converts to fp16 in one
+    instruction, and fp16 keeps three more bits of q and of the probabilities; float32 and fp16
+    stay."""
+    if q.dtype == tl.bfloat16:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return q
 
 
 @triton.jit
@@ -56,6 +74,8 @@ def _prefill_attention_kernel(
     query_start_loc_ptr,  # [B + 1] int32
     seq_lens_ptr,  # [B] int32
     block_tables_ptr,  # [B, max_blocks] int32
+    k_scale_ptr,  # [Hkv] float32, read when FP8
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
     stride_qt,
     stride_qh,
@@ -72,6 +92,7 @@ def _prefill_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,  # the caches hold e4m3 values times a per-KV-head scale
 ):
     # The longest query tiles are launched first so that the short ones fill the tail.
     m_tile = num_m_tiles - 1 - tl.program_id(0)
@@ -95,6 +116,8 @@ def _prefill_attention_kernel(
         mask=row_mask[:, None],
         other=0.0,
     )  # [BM, D]
+    if FP8:
+        q = fp8_dot_operand(q)
     q_pos = ctx_len + offs_m  # [BM]
 
     # Keys [0, full_end) are visible to every query of the tile; keys [full_end, kv_end)
@@ -106,6 +129,10 @@ def _prefill_attention_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + (head // GROUP).to(tl.int64) * stride_cache_head
     v_base = v_cache_ptr + (head // GROUP).to(tl.int64) * stride_cache_head
+    v_scale = 1.0
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + head // GROUP)
+        v_scale = tl.load(v_scale_ptr + head // GROUP)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -124,12 +151,16 @@ def _prefill_attention_kernel(
             BLOCK_N,
         )
         k = tl.load(k_base + kv_off[:, None] + offs_d[None, :])  # [BN, D]
+        if FP8:
+            k = k.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + kv_off[:, None] + offs_d[None, :])  # [BN, D]
+        if FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -141,6 +172,8 @@ def _prefill_attention_kernel(
             bt_row, start_n, offs_n, token_mask, stride_cache_block, stride_cache_token, BLOCK_SIZE, BLOCK_N
         )
         k = tl.load(k_base + kv_off[:, None] + offs_d[None, :], mask=token_mask[:, None], other=0.0)
+        if FP8:
+            k = k.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = (tokens[None, :] <= q_pos[:, None]) & token_mask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
@@ -149,11 +182,13 @@ def _prefill_attention_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + kv_off[:, None] + offs_d[None, :], mask=token_mask[:, None], other=0.0)
+        if FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # rows that saw nothing stay zero
+    acc = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]  # rows that saw nothing stay zero
     tl.store(
         out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         acc.to(out_ptr.dtype.element_ty),
@@ -187,12 +222,16 @@ def prefill_attention(
     block_tables: torch.Tensor,
     max_query_len: int,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of the step's new tokens; writes and returns out `[T, H, D]`.
 
     q `[T, H, D]` (unit stride on D); caches `[num_blocks, block_size, Hkv, D]`;
     query_start_loc `[B + 1]` int32; seq_lens `[B]` int32 (cached + new tokens);
-    block_tables `[B, max_blocks]` int32; max_query_len: host int >= every q_len.
+    block_tables `[B, max_blocks]` int32; max_query_len: host int >= every q_len. fp8 caches
+    need k_scale / v_scale `[Hkv]` float32 (the stored values times them are the keys and
+    values); other caches ignore them.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -200,7 +239,9 @@ def prefill_attention(
     assert out.shape == q.shape and q.stride(-1) == 1 and out.stride(-1) == 1
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.shape[3] == head_dim and k_cache.stride(3) == 1
-    assert num_heads % num_kv_heads == 0 and q.dtype == k_cache.dtype == v_cache.dtype
+    assert num_heads % num_kv_heads == 0 and k_cache.dtype == v_cache.dtype
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale)
+    assert fp8 or q.dtype == k_cache.dtype
     assert head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0
     assert query_start_loc.shape == (num_seqs + 1,) and block_tables.shape[0] >= num_seqs
     if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
@@ -216,6 +257,8 @@ def prefill_attention(
         query_start_loc,
         seq_lens,
         block_tables,
+        k_scale if fp8 else seq_lens,  # never read unless FP8
+        v_scale if fp8 else seq_lens,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -232,6 +275,7 @@ def prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8=fp8,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 DUMMY_STD = 0.02
+# vLLM's checkpoint names of the fp8 KV cache scales -> the attention layer's parameters
+# (layers/attention.py); a parameter marked `checkpoint_optional` keeps its value when absent.
+KV_SCALE_NAMES = {".self_attn.k_scale": ".self_attn.attn.k_scale", ".self_attn.v_scale": ".self_attn.attn.v_scale"}
 
 
 def read_weight_map(path: str) -> dict[str, str] | None:
@@ -88,6 +91,9 @@ def _target(mappings: list[tuple[str, str, object]], name: str) -> tuple[str, ob
     for ckpt_part, param_part, shard_id in mappings:
         if ckpt_part in name:
             return name.replace(ckpt_part, param_part), shard_id
+    for ckpt_suffix, param_suffix in KV_SCALE_NAMES.items():
+        if name.endswith(ckpt_suffix):
+            return name.removesuffix(ckpt_suffix) + param_suffix, None
     return name, None
 
 
@@ -131,7 +137,7 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Loaded]],
     missing = []
     for name, shards in loaded.items():
         want = next((want for part, want in expected_shards.items() if part in name), {None})
-        if shards != want:
+        if shards != want and not (not shards and getattr(params[name], "checkpoint_optional", False)):
             missing.append(name if want == {None} else _missing_shards(name, want, shards, mappings))
     if missing:
         raise ValueError(f"checkpoint lacks tensor(s): {missing[:10]}")
@@ -161,7 +167,7 @@ def load_checkpoint(model: nn.Module, path: str, tie_word_embeddings: bool) -> N
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights: N(0, DUMMY_STD) for matrices, ones for norm weights; a layer with a
-    quant_method gets its own (quantized random values)."""
+    quant_method gets its own (quantized random values); optional parameters keep their defaults."""
     gen = None
     quantized = {name: m for name, m in model.named_modules() if getattr(m, "quant_method", None) is not None}
     for name, param in model.named_parameters():
@@ -169,6 +175,8 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             gen = torch.Generator(device=param.device).manual_seed(seed)
         if name.rpartition(".")[0] in quantized:
             continue
+        if getattr(param, "checkpoint_optional", False):
+            continue  # its default (the KV cache scales' 1.0)
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         else:

@@ -98,10 +98,12 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = model_config.resolve_dtype(config.dtype)
+        self.kv_dtype = model_config.resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.ops = FusedOps(use_cuda_kernels=config.use_cuda_kernels, device=self.device)
         num_heads = model_config.num_attention_heads // tp.size
         self.backend = create_backend(config.attention_backend, self.device, self.block_size, num_heads,
-                                      model_config.head_dim, config.max_num_seqs, max_model_len)
+                                      model_config.head_dim, config.max_num_seqs, max_model_len,
+                                      config.kv_cache_dtype)
         start = time.perf_counter()
         with torch.device(self.device), default_dtype(self.dtype):
             self.model = model_class(model_config.architecture)(model_config, max_model_len, self.backend,
@@ -119,6 +121,8 @@ class ModelRunner:
         self.sampling = SamplingMetadataBuilder(self.device, model_config.vocab_size, config.seed)
         self.bitmask_filler = BitmaskFiller()
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        if config.calculate_kv_scales:
+            self.calibrate_kv_scales()
         self.num_blocks = self._allocate_kv_cache()
         if self.device.type == "cuda":
             self.warmup_kernels()
@@ -135,12 +139,29 @@ class ModelRunner:
 
     def _bind_kv_cache(self, cache: torch.Tensor) -> None:
         for i, attn in enumerate(self.model.attention_layers()):
-            attn.k_cache, attn.v_cache = cache[0, i], cache[1, i]
+            attn.bind_kv_cache(cache[0, i], cache[1, i])
+
+    @torch.inference_mode()
+    def calibrate_kv_scales(self) -> None:
+        """calculate_kv_scales: each layer's fp8 K and V scales from one calibration forward with a
+        scratch cache of the model's dtype (runtime/kv_cache.py says how)."""
+        mc = self.model_config
+        inputs, num_blocks = kv_cache.calibration_inputs(self.config, self.max_model_len, mc.vocab_size)
+        scratch = kv_cache.allocate_kv_cache(mc.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads,
+                                             mc.head_dim, self.dtype, self.device)
+        self._bind_kv_cache(scratch)
+        self._forward_eager(inputs)
+        scales = kv_cache.kv_scales_from_cache(scratch)  # [2, L]
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_scale.copy_(scales[0, i].expand(self.num_kv_heads))
+            attn.v_scale.copy_(scales[1, i].expand(self.num_kv_heads))
+        logger.info("fp8 KV scales from %d calibration tokens: K in [%.4g, %.4g], V in [%.4g, %.4g]",
+                    inputs.num_tokens, scales[0].min(), scales[0].max(), scales[1].min(), scales[1].max())
 
     def _allocate_kv_cache(self) -> int:
         cfg, mc = self.config, self.model_config
         per_block = kv_cache.block_bytes(mc.num_hidden_layers, self.block_size, self.num_kv_heads, mc.head_dim,
-                                         self.dtype)
+                                         self.kv_dtype)
         if self.device.type == "cuda":
             peak = self.profile_peak_memory()
             num_blocks = kv_cache.cuda_num_blocks(cfg, per_block, peak, self.device)
@@ -149,10 +170,10 @@ class ModelRunner:
         num_blocks = self.tp.host_min(num_blocks)  # the scheduler's block ids must be valid on every rank
         kv_cache.check_fits(num_blocks, cfg, self.max_model_len, per_block)
         self.kv_cache = kv_cache.allocate_kv_cache(mc.num_hidden_layers, num_blocks, self.block_size,
-                                                   self.num_kv_heads, mc.head_dim, self.dtype, self.device)
+                                                   self.num_kv_heads, mc.head_dim, self.kv_dtype, self.device)
         self._bind_kv_cache(self.kv_cache)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", num_blocks, self.block_size,
-                    num_blocks * self.block_size, num_blocks * per_block / kv_cache.GIB)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)", num_blocks, self.block_size,
+                    num_blocks * self.block_size, num_blocks * per_block / kv_cache.GIB, self.kv_dtype)
         return num_blocks
 
     @torch.inference_mode()
@@ -164,7 +185,7 @@ class ModelRunner:
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         # A one-block scratch cache: nothing is written (slot -1), reads stay in block 0.
         scratch = kv_cache.allocate_kv_cache(mc.num_hidden_layers, 1, self.block_size, self.num_kv_heads,
-                                             mc.head_dim, self.dtype, self.device)
+                                             mc.head_dim, self.kv_dtype, self.device)
         self._bind_kv_cache(scratch)
         num_sampled = min(cfg.max_num_seqs, num_tokens)
         inputs = self._dummy_inputs(lens, lens, decode=False)

@@ -26,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_store(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_weight,
     const at::Tensor& k_weight, double eps, const at::Tensor& positions,
     const at::Tensor& cos_sin_cache, at::Tensor& k_cache, at::Tensor& v_cache,
-    const at::Tensor& slot_mapping);
+    const at::Tensor& slot_mapping, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale);
 at::Tensor silu_and_mul(const at::Tensor& x);
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight,
                 const std::optional<at::Tensor>& norm_weight, double eps, bool silu);
@@ -47,7 +48,8 @@ TORCH_LIBRARY(myvllm, m) {
   m.def(
       "qk_norm_rope_store(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, "
       "float eps, Tensor positions, Tensor cos_sin_cache, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)");
+      "Tensor(b!) v_cache, Tensor slot_mapping, Tensor? k_scale=None, Tensor? v_scale=None) "
+      "-> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? norm_weight, float eps, bool silu) -> Tensor");
   m.def(

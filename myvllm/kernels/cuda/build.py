@@ -9,14 +9,16 @@ takes about a minute; later processes reuse it (ninja rebuilds only when a sourc
 changes, e.g. on another GPU arch).
 
 Schemas (outputs new and contiguous, in the inputs' dtype; qk_norm_rope_store also writes
-K and V into the caches it is given; what each accepts: support.py):
+K and V into the caches it is given, float8_e4m3fn ones divided by k_scale / v_scale; what
+each accepts: support.py):
     rms_norm(Tensor x, Tensor weight, float eps) -> Tensor
     fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)
     qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps,
                  Tensor positions, Tensor cos_sin_cache) -> (Tensor, Tensor)
     qk_norm_rope_store(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, float eps,
                        Tensor positions, Tensor cos_sin_cache, Tensor(a!) k_cache,
-                       Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)
+                       Tensor(b!) v_cache, Tensor slot_mapping, Tensor? k_scale=None,
+                       Tensor? v_scale=None) -> (Tensor, Tensor)
     silu_and_mul(Tensor x) -> Tensor
     gemv(Tensor x, Tensor weight, Tensor? norm_weight, float eps, bool silu) -> Tensor
     add_norm_gemv(Tensor x, Tensor residual, Tensor weight, Tensor norm_weight, float eps,

@@ -7,7 +7,10 @@
 //
 // qk_norm_rope_store also writes the step's K (normalised and rotated) and V rows into the
 // paged caches [num_blocks, block_size, Hkv, D] at slot_mapping (slot -1: nothing), saving the
-// separate KV-store kernel: the grid gets Hkv more warps per token, which copy V.
+// separate KV-store kernel: the grid gets Hkv more warps per token, which copy V. An fp8
+// (e4m3) cache gets value / scale (one float32 scale per KV head), rounded to nearest even and
+// saturated to +-448 (cvt.rn.satfinite), as kernels/reference.py's quantize_kv: K as the
+// normalised, rotated row rounded to the input dtype (the k_out row), V as it comes.
 //
 // Numerics follow myvllm/kernels/reference.py: float32 arithmetic, rounded to the input
 // dtype where the reference rounds (normalised x, x * weight, cos/sin cast to the input
@@ -22,8 +25,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
+#include <optional>
 #include <initializer_list>
 #include <tuple>
 #include <type_traits>
@@ -35,25 +40,40 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
-// Where qk_norm_rope_store puts the step's K and V (all null for plain qk_norm_rope).
-template <typename T>
+// Where qk_norm_rope_store puts the step's K and V (all null for plain qk_norm_rope); kFp8:
+// the caches hold e4m3 values of value / scale.
+template <typename T, bool kFp8>
 struct KVStore {
+  using Cache = std::conditional_t<kFp8, __nv_fp8_storage_t, T>;
   const T* v = nullptr;
   int64_t v_stride_t = 0, v_stride_h = 0;
-  T* k_cache = nullptr;  // [num_blocks, block_size, Hkv, D], contiguous
-  T* v_cache = nullptr;
+  Cache* k_cache = nullptr;  // [num_blocks, block_size, Hkv, D], contiguous
+  Cache* v_cache = nullptr;
   const int64_t* slot_mapping = nullptr;
+  const float* k_scale = nullptr;  // [Hkv] float32, fp8 caches only
+  const float* v_scale = nullptr;
 };
 
-// T: q/k dtype, C: cos/sin cache dtype (T or float), D: head dim, kStore: also fill the caches.
-template <typename T, typename C, int D, bool kStore>
+// x as a cache element: itself, or for an fp8 cache e4m3(x / scale), saturated.
+template <bool kFp8, typename T>
+__device__ __forceinline__ auto to_cache(T x, float scale) {
+  if constexpr (kFp8) {
+    return __nv_cvt_float_to_fp8(static_cast<float>(x) / scale, __NV_SATFINITE, __NV_E4M3);
+  } else {
+    return x;
+  }
+}
+
+// T: q/k dtype, C: cos/sin cache dtype (T or float), D: head dim, kStore: also fill the caches,
+// kFp8: they are e4m3.
+template <typename T, typename C, int D, bool kStore, bool kFp8>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     qk_norm_rope_kernel(T* __restrict__ q_out, T* __restrict__ k_out, const T* __restrict__ q,
                         const T* __restrict__ k, const T* __restrict__ q_weight,
                         const T* __restrict__ k_weight, const int64_t* __restrict__ positions,
                         const C* __restrict__ cos_sin_cache, int64_t q_stride_t, int64_t q_stride_h,
                         int64_t k_stride_t, int64_t k_stride_h, int64_t num_tokens, int num_heads,
-                        int num_kv_heads, float eps, KVStore<T> store) {
+                        int num_kv_heads, float eps, KVStore<T, kFp8> store) {
   constexpr int kHalf = D / 2;
   constexpr int kPairs = kHalf / 32;  // rotary pairs per lane
   const int heads = num_heads + num_kv_heads * (kStore ? 2 : 1);
@@ -69,11 +89,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     if (slot < 0) return;
     const int kvh = h - num_heads - num_kv_heads;
     const T* src = store.v + t * store.v_stride_t + kvh * store.v_stride_h;
-    T* dst = store.v_cache + (slot * num_kv_heads + kvh) * D;
+    auto* dst = store.v_cache + (slot * num_kv_heads + kvh) * D;
+    const float scale = kFp8 ? store.v_scale[kvh] : 1.f;  // set at start-up: read before the wait
     allow_dependent_launch();
     grid_dependency_wait();
 #pragma unroll
-    for (int j = lane; j < D; j += 32) dst[j] = src[j];
+    for (int j = lane; j < D; j += 32) dst[j] = to_cache<kFp8>(src[j], scale);
     return;
   }
 
@@ -83,6 +104,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   T* dst = is_q ? q_out + (t * num_heads + h) * D
                 : k_out + (t * num_kv_heads + (h - num_heads)) * D;
   const T* weight = is_q ? q_weight : k_weight;
+  const float k_scale = kFp8 && !is_q ? store.k_scale[h - num_heads] : 1.f;
 
   // Issue every load (weight, cos/sin, then x) before the reduction so their latencies overlap.
   const C* cs = cos_sin_cache + positions[t] * D;  // cos in [0, D/2), sin in [D/2, D)
@@ -118,24 +140,24 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     dst[j] = out1;
     dst[kHalf + j] = out2;
     if (kStore && !is_q && slot >= 0) {
-      T* cached = store.k_cache + (slot * num_kv_heads + (h - num_heads)) * D;
-      cached[j] = out1;
-      cached[kHalf + j] = out2;
+      auto* cached = store.k_cache + (slot * num_kv_heads + (h - num_heads)) * D;
+      cached[j] = to_cache<kFp8>(out1, k_scale);
+      cached[kHalf + j] = to_cache<kFp8>(out2, k_scale);
     }
   }
 }
 
-template <typename T, typename C, bool kStore>
+template <typename T, typename C, bool kStore, bool kFp8>
 void launch(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at::Tensor& k,
             const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& positions,
-            const at::Tensor& cache, float eps, KVStore<T> store) {
+            const at::Tensor& cache, float eps, KVStore<T, kFp8> store) {
   const int64_t num_tokens = q.size(0);
   const int num_heads = static_cast<int>(q.size(1)), num_kv_heads = static_cast<int>(k.size(1));
   const int64_t rows = num_tokens * (num_heads + num_kv_heads * (kStore ? 2 : 1));
   const auto blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto run = [&](auto d_c) {
-    launch_pdl(qk_norm_rope_kernel<T, C, decltype(d_c)::value, kStore>, dim3(blocks),
+    launch_pdl(qk_norm_rope_kernel<T, C, decltype(d_c)::value, kStore, kFp8>, dim3(blocks),
                dim3(kWarpsPerBlock * 32), 0, stream, q_out.data_ptr<T>(), k_out.data_ptr<T>(),
                q.const_data_ptr<T>(), k.const_data_ptr<T>(), q_weight.const_data_ptr<T>(),
                k_weight.const_data_ptr<T>(), positions.const_data_ptr<int64_t>(),
@@ -179,13 +201,27 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_
     MYVLLM_CHECK(t->device() == q.device(), "qk_norm_rope: all tensors must be on q's device");
 }
 
-// v, k_cache, v_cache, slot_mapping: all defined (store) or none.
+// Launches with the cos/sin cache's dtype (float32 or T).
+template <typename T, bool kStore, bool kFp8>
+void launch_cos_sin(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& positions,
+                    const at::Tensor& cache, float eps, KVStore<T, kFp8> store) {
+  if (cache.scalar_type() == at::kFloat)
+    launch<T, float, kStore, kFp8>(q_out, k_out, q, k, q_weight, k_weight, positions, cache, eps, store);
+  else
+    launch<T, T, kStore, kFp8>(q_out, k_out, q, k, q_weight, k_weight, positions, cache, eps, store);
+}
+
+// v, k_cache, v_cache, slot_mapping: all defined (store) or none; k_scale and v_scale: defined
+// for fp8 caches.
 std::tuple<at::Tensor, at::Tensor> dispatch(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& q_weight, const at::Tensor& k_weight,
                                        double eps, const at::Tensor& positions,
                                        const at::Tensor& cos_sin_cache, const at::Tensor* v,
                                        at::Tensor* k_cache, at::Tensor* v_cache,
-                                       const at::Tensor* slot_mapping) {
+                                       const at::Tensor* slot_mapping,
+                                       const at::Tensor* k_scale = nullptr,
+                                       const at::Tensor* v_scale = nullptr) {
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor q_out = at::empty(q.sizes(), q.options());
   at::Tensor k_out = at::empty(k.sizes(), k.options());
@@ -194,21 +230,24 @@ std::tuple<at::Tensor, at::Tensor> dispatch(const at::Tensor& q, const at::Tenso
   const at::Tensor qw = q_weight.contiguous(), kw = k_weight.contiguous();
   const at::Tensor pos = positions.contiguous(), cache = cos_sin_cache.contiguous();
   const at::Tensor slots = slot_mapping ? slot_mapping->contiguous() : at::Tensor();
+  const bool fp8 = k_cache && k_cache->scalar_type() == at::kFloat8_e4m3fn;
   MYVLLM_DISPATCH_FLOATS(q.scalar_type(), "qk_norm_rope", [&] {
     const float e = static_cast<float>(eps);
-    KVStore<scalar_t> store;
-    if (v) {
-      store = {v->const_data_ptr<scalar_t>(), v->stride(0), v->stride(1),
-               k_cache->data_ptr<scalar_t>(), v_cache->data_ptr<scalar_t>(),
-               slots.const_data_ptr<int64_t>()};
-      if (cache.scalar_type() == at::kFloat)
-        launch<scalar_t, float, true>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
-      else
-        launch<scalar_t, scalar_t, true>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
-    } else if (cache.scalar_type() == at::kFloat) {
-      launch<scalar_t, float, false>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
+    if (fp8) {
+      KVStore<scalar_t, true> store{v->const_data_ptr<scalar_t>(), v->stride(0), v->stride(1),
+                                    static_cast<__nv_fp8_storage_t*>(k_cache->data_ptr()),
+                                    static_cast<__nv_fp8_storage_t*>(v_cache->data_ptr()),
+                                    slots.const_data_ptr<int64_t>(), k_scale->const_data_ptr<float>(),
+                                    v_scale->const_data_ptr<float>()};
+      launch_cos_sin<scalar_t, true, true>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
+    } else if (v) {
+      KVStore<scalar_t, false> store{v->const_data_ptr<scalar_t>(), v->stride(0), v->stride(1),
+                                     k_cache->data_ptr<scalar_t>(), v_cache->data_ptr<scalar_t>(),
+                                     slots.const_data_ptr<int64_t>()};
+      launch_cos_sin<scalar_t, true, false>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
     } else {
-      launch<scalar_t, scalar_t, false>(q_out, k_out, q, k, qw, kw, pos, cache, e, store);
+      launch_cos_sin<scalar_t, false, false>(q_out, k_out, q, k, qw, kw, pos, cache, e,
+                                             KVStore<scalar_t, false>{});
     }
   });
   return {q_out, k_out};
@@ -230,7 +269,8 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_store(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_weight,
     const at::Tensor& k_weight, double eps, const at::Tensor& positions,
     const at::Tensor& cos_sin_cache, at::Tensor& k_cache, at::Tensor& v_cache,
-    const at::Tensor& slot_mapping) {
+    const at::Tensor& slot_mapping, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale) {
   check_inputs(q, k, q_weight, k_weight, positions, cos_sin_cache);
   MYVLLM_CHECK(v.sizes() == k.sizes() && v.stride(2) == 1 && v.scalar_type() == q.scalar_type(),
               "qk_norm_rope_store: v must match k's shape and dtype, with unit stride on D");
@@ -238,10 +278,18 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_store(
                   k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
               "qk_norm_rope_store: caches must be [num_blocks, block_size, Hkv, D], got %s and %s",
               ShapeText(k_cache.sizes()).text, ShapeText(v_cache.sizes()).text);
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
   MYVLLM_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.scalar_type() == q.scalar_type() &&
-                  v_cache.scalar_type() == q.scalar_type(),
-              "qk_norm_rope_store: caches must be contiguous, in q's dtype");
+                  (k_cache.scalar_type() == q.scalar_type() || fp8) &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "qk_norm_rope_store: caches must be contiguous, both in q's dtype or both float8_e4m3fn");
+  if (fp8) {
+    for (const std::optional<at::Tensor>* scale : {&k_scale, &v_scale})
+      MYVLLM_CHECK(scale->has_value() && (*scale)->scalar_type() == at::kFloat &&
+                      (*scale)->dim() == 1 && (*scale)->size(0) == k.size(1) &&
+                      (*scale)->is_contiguous() && (*scale)->device() == q.device(),
+                  "qk_norm_rope_store: an fp8 cache needs k_scale and v_scale, float32 [Hkv] on q's device");
+  }
   MYVLLM_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == q.size(0),
               "qk_norm_rope_store: slot_mapping must be int64 [T]");
@@ -249,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_store(
     MYVLLM_CHECK(t->device() == q.device(), "qk_norm_rope_store: all tensors must be on q's device");
   // Slots must lie in [-1, num_blocks * block_size); they are not bounds-checked on the device.
   return dispatch(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, &v, &k_cache, &v_cache,
-             &slot_mapping);
+             &slot_mapping, fp8 ? &*k_scale : nullptr, fp8 ? &*v_scale : nullptr);
 }
 
 }  // namespace myvllm

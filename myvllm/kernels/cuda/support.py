@@ -49,6 +49,12 @@ def qk_norm_rope(head_dim: int, dtypes: tuple[torch.dtype, ...], cos_sin_dtype: 
     return reason
 
 
+def qk_norm_rope_store(head_dim: int, dtypes: tuple[torch.dtype, ...], cos_sin_dtype: torch.dtype) -> str | None:
+    """qk_norm_rope_store; dtypes: those of the activations and the caches, which hold the
+    activations' dtype or float8_e4m3fn (the op then quantizes with the layer's scales)."""
+    return qk_norm_rope(head_dim, tuple(d for d in dtypes if d != torch.float8_e4m3fn), cos_sin_dtype)
+
+
 def silu_and_mul(width: int, dtype: torch.dtype) -> str | None:
     """silu_and_mul of rows of width [gate, up] elements."""
     if width % 2 or width < 2:
@@ -60,7 +66,7 @@ CHECKS = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": rms_norm,
     "qk_norm_rope": qk_norm_rope,
-    "qk_norm_rope_store": qk_norm_rope,
+    "qk_norm_rope_store": qk_norm_rope_store,
     "silu_and_mul": silu_and_mul,
 }
 
