@@ -5,16 +5,15 @@ from __future__ import annotations
 import torch
 
 from myvllm.attention.backend import AttentionBackend, AttentionMetadata
-from myvllm.kernels import reference
+from myvllm.attention import ops
 
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
-        reference.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+        ops.torch_store_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return reference.paged_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale
-        )
+        return ops.torch_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                   scale)

@@ -33,6 +33,7 @@ from myvllm.kernels.fused_ops import FusedOps
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.qwen3_opt import Qwen3ForCausalLM
 from myvllm.runtime import kv_cache
+from myvllm.runtime.compilation import model_forward
 from myvllm.runtime.host_copy import HostCopy, host_to_device
 from myvllm.runtime.scheduler import ScheduledBatch
 from myvllm.runtime.sequence import Sequence
@@ -104,6 +105,7 @@ class ModelRunner:
         else:
             load_checkpoint(self.model, checkpoint_path, model_config.tie_word_embeddings)
         self.model.eval()
+        self.model_forward = model_forward(self.model, 1 if config.compiles else 0)
         self.tp.barrier()  # every rank loaded (a rank that failed is seen here, before any device collective)
         logger.info("model built and loaded in %.2f s (%s, %s)", time.perf_counter() - start, self.dtype, self.device)
         self.sampler = Sampler()
@@ -116,7 +118,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             from myvllm.capture.graph_runner import GraphRunner
 
-            self.graph_runner = GraphRunner(self.model, self.backend, self.device,
+            self.graph_runner = GraphRunner(self.model, self.model_forward, self.backend, self.device,
                                             min(config.max_num_seqs, config.cuda_graph_max_batch_size),
                                             max_model_len, self.block_size)
             self.graph_runner.capture_all()
@@ -125,7 +127,7 @@ class ModelRunner:
 
     def _bind_kv_cache(self, cache: torch.Tensor) -> None:
         for i, attn in enumerate(self.model.attention_layers()):
-            attn.k_cache, attn.v_cache = cache[0, i], cache[1, i]
+            attn.bind_kv_cache(cache, i)
 
     def _allocate_kv_cache(self) -> int:
         cfg, mc = self.config, self.model_config
@@ -217,7 +219,7 @@ class ModelRunner:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One forward through the model and LM head: logits [len(meta.logits_indices), vocab]."""
         self.backend.prepare(meta)
-        hidden, residual = self.model(input_ids, positions, meta)
+        hidden, residual = self.model_forward(input_ids, positions, meta)
         return self.model.compute_logits(hidden, residual, meta)
 
     @torch.inference_mode()
@@ -364,7 +366,7 @@ class ModelRunner:
         """forward(), plus the logprobs of the prompt tokens inputs.prompt_logprobs names, from the
         raw logits of the rows before them (in slices of PROMPT_LOGPROB_ROWS rows)."""
         self.backend.prepare(meta)
-        hidden, residual = self.model(input_ids, positions, meta)
+        hidden, residual = self.model_forward(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden, residual, meta)
         wanted = inputs.prompt_logprobs
         rows = host_to_device(wanted.rows, self.device)
@@ -403,7 +405,7 @@ class ModelRunner:
         the garbage collector frees: it runs here, so that the device memory is back at once."""
         if self.model is None:
             return
-        self.model = self.graph_runner = self.kv_cache = self.backend = None
+        self.model = self.model_forward = self.graph_runner = self.kv_cache = self.backend = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
