@@ -1,0 +1,143 @@
+"""compilation_level=1: the model's forward through torch.compile (Inductor on CPU) gives the
+same greedy tokens as transformers and as the eager engine, through prefill, chunks, prefix hits,
+mixed steps and multi-pass decode; attention stays an opaque op; arguments are validated.
+
+One compiled engine serves the module (compiling takes a while on a CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_utils import PROMPTS, SMALL_KV, RunStats, run_checked
+from tiny_model import hf_greedy
+
+from myvllm import LLM, SamplingParams
+from myvllm.config import EngineConfig
+
+NUM_TOKENS = 12
+# Chunked prefill, mixed steps and multi-pass decode in one run; prefix hits on the second.
+ENGINE_ARGS = dict(kvcache_block_size=16, max_num_batched_tokens=48, max_num_seqs=6, **SMALL_KV)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return [tok.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def expected(hf_tiny, prompt_ids):
+    return [hf_greedy(hf_tiny, p, NUM_TOKENS)[0] for p in prompt_ids]
+
+
+@pytest.fixture(scope="module")
+def eager_outputs(tiny_model_dir, prompt_ids, one_thread):
+    llm = LLM(tiny_model_dir, **ENGINE_ARGS)
+    first = run_checked(llm, prompt_ids, GREEDY)
+    second = run_checked(llm, prompt_ids, GREEDY)
+    llm.shutdown()
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def compiled_llm(tiny_model_dir, one_thread):
+    torch._dynamo.reset()
+    llm = LLM(tiny_model_dir, compilation_level=1, **ENGINE_ARGS)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def compiled_run(compiled_llm, prompt_ids):
+    """Outputs of the compiled engine over the prompts twice (the second run hits the prefix
+    cache), what the scheduler did, and how many graphs Dynamo compiled."""
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    stats = RunStats()
+    first = run_checked(compiled_llm, prompt_ids, GREEDY, stats)
+    second = run_checked(compiled_llm, prompt_ids, GREEDY, stats)
+    return dict(first=first, second=second, stats=stats, hits=compiled_llm.engine.block_manager.num_hits,
+                compiled=type(compiled_llm.engine.runner.model_forward).__name__,
+                graphs=counters["stats"]["unique_graphs"] - graphs_before)
+
+
+def test_compiled_engine_matches_transformers(compiled_run, expected):
+    assert compiled_run["compiled"] == "CompiledForward"
+    stats = compiled_run["stats"]
+    assert stats.chunked_steps > 0 and stats.mixed_steps > 0 and compiled_run["hits"] > 0
+    for run in ("first", "second"):
+        for i, (out, ref) in enumerate(zip(compiled_run[run], expected)):
+            assert out.outputs[0].token_ids == ref, f"{run} run, prompt {i}"
+
+
+def test_compiled_logprobs_close_to_eager(compiled_run, eager_outputs):
+    for compiled, eager in zip(compiled_run["first"] + compiled_run["second"], eager_outputs[0] + eager_outputs[1]):
+        assert compiled.outputs[0].token_ids == eager.outputs[0].token_ids
+        for step_c, step_e in zip(compiled.outputs[0].logprobs, eager.outputs[0].logprobs):
+            assert step_c.keys() == step_e.keys()
+            for tid in step_c:
+                assert abs(step_c[tid].logprob - step_e[tid].logprob) < 1e-4
+
+
+def test_steps_of_any_size_share_few_graphs(compiled_run):
+    """Token counts are dynamic: prefill chunks, mixed steps and decodes of 1..6 sequences
+    compile a handful of graphs, not one per size (every attention call is an opaque op, or
+    fullgraph=True would have raised on the reference attention's host loop)."""
+    assert 1 <= compiled_run["graphs"] <= 4
+
+
+def test_compiled_forward_of_the_model_equals_eager(compiled_llm, compiled_run):
+    """The compiled forward itself on one prefill batch: the hidden states of the eager model."""
+    runner = compiled_llm.engine.runner
+    inputs = runner._dummy_inputs([5, 3], [5, 3], decode=False)
+    inputs.input_ids[:] = range(3, 11)
+    inputs.slot_mapping[:] = [16, 17, 18, 19, 20, 32, 33, 34]  # blocks 1 and 2 (free: the runs are done)
+    inputs.block_tables[:] = [[1], [2]]
+    with torch.inference_mode():
+        ids, pos, meta = inputs.to_device(runner.device)
+        runner.backend.prepare(meta)
+        eager = runner.model(ids, pos, meta)
+        compiled = runner.model_forward(ids, pos, meta)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compilation_level_is_validated():
+    with pytest.raises(ValueError, match="compilation_level=2"):
+        EngineConfig(model="dummy:qwen3-0.6b", device="cpu", compilation_level=2)
+    with pytest.raises(TypeError, match="compilation_level"):
+        EngineConfig(model="dummy:qwen3-0.6b", device="cpu", compilation_level="1")
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        EngineConfig(model="dummy:qwen3-0.6b", device="cpu", compilation_level=1, tensor_parallel_size=2)
+    assert EngineConfig(model="dummy:qwen3-0.6b", device="cpu", compilation_level=1).compiles
+    assert not EngineConfig(model="dummy:qwen3-0.6b", device="cpu", compilation_level=1, enforce_eager=True).compiles
+    assert not EngineConfig(model="dummy:qwen3-0.6b", device="cpu").compiles
+
+
+def test_fake_cuda_ops_give_the_reference_shapes():
+    """The fakes torch.compile traces the CUDA ops with return what the torch references return."""
+    from myvllm.kernels import reference
+    from myvllm.kernels.cuda import fake
+
+    x, res, w = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16)
+    gate_up = torch.randn(24, 16)
+    q, k, pos, cos_sin = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.arange(3), torch.randn(8, 8)
+    pairs = [
+        (fake.FAKES["rms_norm"](x, w, 1e-6), reference.rms_norm(x, w, 1e-6)),
+        (fake.FAKES["fused_add_rms_norm"](x, res, w, 1e-6), reference.fused_add_rms_norm(x, res, w, 1e-6)),
+        (fake.FAKES["qk_norm_rope"](q, k, w[:8], w[:8], 1e-6, pos, cos_sin),
+         reference.qk_norm_rope(q, k, w[:8], w[:8], 1e-6, pos, cos_sin)),
+        (fake.FAKES["silu_and_mul"](gate_up), reference.silu_and_mul(gate_up)),
+        (fake.FAKES["gemv"](x, gate_up, w, 1e-6, True), reference.norm_linear(x, w, 1e-6, gate_up, True)),
+        (fake.FAKES["gemv"](x, gate_up, None, 0.0, False), x @ gate_up.T),
+        (fake.FAKES["add_norm_gemv"](x, res, gate_up, w, 1e-6, False),
+         reference.add_norm_linear(x, res, w, 1e-6, gate_up, False)),
+    ]
+    for got, want in pairs:
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        assert [(t.shape, t.dtype, t.is_contiguous()) for t in got] == [(t.shape, t.dtype, True) for t in want]
