@@ -141,3 +141,46 @@ def test_fake_cuda_ops_give_the_reference_shapes():
     for got, want in pairs:
         got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
         assert [(t.shape, t.dtype, t.is_contiguous()) for t in got] == [(t.shape, t.dtype, True) for t in want]
+
+
+# ---- CUDA: the compiled forward inside the decode graphs, with and without the fused kernels ----
+
+@pytest.fixture(scope="module", params=["small", "qwen3-0.6b"])
+def gpu_checkpoint(request, tmp_path_factory):
+    from test_gpu_engine import SHAPES_06B, SHAPES_SMALL, build_qwen3_checkpoint
+
+    shapes = SHAPES_SMALL if request.param == "small" else SHAPES_06B
+    path = build_qwen3_checkpoint(str(tmp_path_factory.mktemp(request.param)), shapes, init_std=0.1)
+    return request.param, path, shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_kernels", [True, False], ids=["fused-kernels", "inductor-fuses"])
+def test_compiled_engine_on_gpu_equals_eager(gpu_checkpoint, cuda_kernels):
+    """bf16, CUDA graphs on, chunked prefill: the compiled engine against the eager one."""
+    from test_gpu_engine import assert_close_runs, make_prompts, run_engine
+
+    name, path, shapes = gpu_checkpoint
+    prompts = make_prompts(shapes["vocab_size"])
+    kw = dict(enforce_eager=False, use_cuda_kernels=cuda_kernels, max_num_batched_tokens=512)
+    eager, _ = run_engine(path, prompts, **kw)
+    compiled, _ = run_engine(path, prompts, compilation_level=1, **kw)
+    assert_close_runs(eager, compiled, f"{name} compiled vs eager, cuda_kernels={cuda_kernels}")
+
+
+@pytest.mark.gpu
+def test_compiled_engine_on_gpu_matches_transformers_float32(gpu_checkpoint):
+    from test_gpu_engine import MIN_AGREEMENT, NUM_TOKENS, agreement, make_prompts, run_engine
+    from tiny_model import hf_greedy, load_hf_model
+
+    name, path, shapes = gpu_checkpoint
+    prompts = make_prompts(shapes["vocab_size"])[:12]
+    hf = load_hf_model(path, dtype=torch.float32, device="cuda")
+    expected = [hf_greedy(hf, p, NUM_TOKENS)[0] for p in prompts]
+    del hf
+    torch.cuda.empty_cache()
+    outs, _ = run_engine(path, prompts, dtype="float32", enforce_eager=False, compilation_level=1)
+    rate = agreement(outs, expected)
+    print(f"\n[{name} float32 compiled] greedy agreement {rate:.3f}")
+    assert rate >= MIN_AGREEMENT
+

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from myvllm.attention.backend import AttentionBackend, AttentionMetadata
 from myvllm.attention import ops
+from myvllm.attention.backend import AttentionBackend, AttentionMetadata
 
 
 class TorchAttentionBackend(AttentionBackend):
