@@ -119,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dummy", action="store_true", help="random weights with Qwen3-0.6B shapes, no files")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs and no torch.compile")
+    parser.add_argument("--compilation-level", type=int, default=0, choices=(0, 1),
+                        help="1: the model's forward through torch.compile (inside the decode graphs too)")
+    parser.add_argument("--no-cuda-kernels", action="store_true",
+                        help="torch ops instead of the fused CUDA kernels (with --compilation-level 1, Inductor "
+                             "fuses the norms, rotary and SiLU itself)")
     parser.add_argument("--num-seqs", type=int, default=None,
                         help=f"prompts in the workload (default: {GPU_WORKLOAD['num_seqs']} on a GPU, "
                              f"{CPU_WORKLOAD['num_seqs']} on a CPU)")
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     sizes = default_workload(args, device)
-    engine_args = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
+    engine_args = dict(enforce_eager=args.enforce_eager, compilation_level=args.compilation_level,
+                       use_cuda_kernels=not args.no_cuda_kernels, max_model_len=args.max_model_len,
                        kvcache_block_size=args.block_size, attention_backend=args.attention_backend,
                        num_decode_passes=args.num_decode_passes,
                        async_scheduling=not args.no_async_scheduling, device=args.device, dtype=args.dtype)
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     llm = LLM(model, **engine_args)
     init_time = time.perf_counter() - start
+    print(f"Engine start: {init_time:.2f}s")
     graph_runner = llm.engine.runner.graph_runner
     vocab_size = llm.engine.model_config.vocab_size
 

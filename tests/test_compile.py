@@ -84,11 +84,11 @@ def test_compiled_logprobs_close_to_eager(compiled_run, eager_outputs):
                 assert abs(step_c[tid].logprob - step_e[tid].logprob) < 1e-4
 
 
-def test_steps_of_any_size_share_few_graphs(compiled_run):
-    """Token counts are dynamic: prefill chunks, mixed steps and decodes of 1..6 sequences
-    compile a handful of graphs, not one per size (every attention call is an opaque op, or
-    fullgraph=True would have raised on the reference attention's host loop)."""
-    assert 1 <= compiled_run["graphs"] <= 4
+def test_steps_of_any_size_share_two_graphs(compiled_run):
+    """Prefill chunks, mixed steps and decodes of 1..6 sequences over block tables of any width
+    compile two graphs (one token; more), not one per size. Every attention call is an opaque
+    op: fullgraph=True would have raised on the reference attention's host loop."""
+    assert 1 <= compiled_run["graphs"] <= 2
 
 
 def test_compiled_forward_of_the_model_equals_eager(compiled_llm, compiled_run):

@@ -10,10 +10,13 @@ piecewise compilation does by splitting its graph there). The fused CUDA ops of
 and SiLU itself. bench.py / benchmarks/compile_compare.py compare the two with eager.
 
 Decode-only steps run the compiled forward inside the decode CUDA graphs (capture/graph_runner.py);
-prefill and mixed steps call it directly. The token count (and the batch size and block-table
-width) are marked dynamic, so steps of any size share a few graphs: one for decode and one for
-the other steps, plus the sizes Dynamo treats apart (0, 1, and the matrix-vector kernel's row
-limit, a branch in the model).
+prefill and mixed steps call it directly. The token count is dynamic, and the batch size and
+block-table width are unbacked (never specialised), so steps of any size share a few graphs:
+one token and more, for each phase the backend tells apart (decode-only or not), plus one for
+two tokens with the CUDA kernels (the matrix-vector kernel takes up to two rows). The KV cache's
+size is static: the
+layers write views of it at offsets that depend on it, which Inductor does not reinplace
+correctly when they are symbolic; so the profiling forward, over a scratch cache, runs eagerly.
 
 Compile cache: Inductor keeps its compiled graphs and kernels in `TORCHINDUCTOR_CACHE_DIR`
 (default `/tmp/torchinductor_<user>`), so a second start with the same model, shapes and
@@ -34,9 +37,8 @@ from myvllm.attention.backend import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-COMPILATION_LEVELS = (0, 1)  # 0: eager; 1: the model's forward through torch.compile (Inductor)
-# Distinct graphs one engine may compile (decode and other steps, times the sizes Dynamo
-# specialises); above Dynamo's default a recompile would otherwise fall back to eager.
+# Distinct graphs one engine may compile (see above), with room for the graphs of earlier
+# engines in the process; past Dynamo's limit a recompile falls back to eager.
 RECOMPILE_LIMIT = 32
 
 Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], tuple[torch.Tensor, torch.Tensor]]
@@ -73,14 +75,17 @@ class CompiledForward:
 
 
 def _mark_dynamic(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-    """Hint Dynamo that the token count, batch size and block-table width vary (no error if a
-    size is specialised anyway)."""
-    mark = torch._dynamo.maybe_mark_dynamic
-    for t in (input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.query_start_loc, meta.block_tables):
-        mark(t, 0)
-    mark(meta.block_tables, 1)
+    """Tell Dynamo which sizes vary from step to step. The token count is dynamic but backed
+    (the model branches on it: the matrix-vector kernel takes up to two rows), so it is
+    specialised at 1 and compiled once above that. The batch size and the block-table width
+    only reach the attention ops, so they are unbacked: never specialised, no guards on them."""
+    for t in (input_ids, positions, meta.slot_mapping):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    for t in (meta.seq_lens, meta.query_start_loc, meta.block_tables):
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+    torch._dynamo.decorators.mark_unbacked(meta.block_tables, 1)
     if isinstance(meta.backend_state, torch.Tensor) and meta.backend_state.dim() > 0:
-        mark(meta.backend_state, 0)
+        torch._dynamo.decorators.mark_unbacked(meta.backend_state, 0)
 
 
 def model_forward(model: nn.Module, compilation_level: int) -> Forward:

@@ -33,7 +33,7 @@ from myvllm.kernels.fused_ops import FusedOps
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.qwen3_opt import Qwen3ForCausalLM
 from myvllm.runtime import kv_cache
-from myvllm.runtime.compilation import model_forward
+from myvllm.runtime.compilation import Forward, model_forward
 from myvllm.runtime.host_copy import HostCopy, host_to_device
 from myvllm.runtime.scheduler import ScheduledBatch
 from myvllm.runtime.sequence import Sequence
@@ -163,7 +163,9 @@ class ModelRunner:
         inputs.logits_indices = np.arange(num_tokens - num_sampled, num_tokens, dtype=np.int64)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        logits = self._forward_eager(inputs)
+        # Eager even when compiling: a compiled graph is specialised to the KV cache's size, and
+        # this scratch cache is not the one the steps use.
+        logits = self._forward_eager(inputs, self.model)
         meta = SamplingMetadata(all_greedy=False, temperatures=torch.ones(num_sampled, device=self.device),
                                 generator=self.sampling.generator)
         self.sampler(logits, meta)
@@ -212,14 +214,17 @@ class ModelRunner:
 
     # ---- one batch -----------------------------------------------------------------------------
 
-    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+    def _forward_eager(self, inputs: StepInputs, model_forward: Forward | None = None) -> torch.Tensor:
         input_ids, positions, meta = inputs.to_device(self.device)
-        return self.forward(input_ids, positions, meta)
+        return self.forward(input_ids, positions, meta, model_forward)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One forward through the model and LM head: logits [len(meta.logits_indices), vocab]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                model_forward: Forward | None = None) -> torch.Tensor:
+        """One forward through the model (model_forward, else self.model_forward: the model or it
+        compiled) and the LM head: logits [len(meta.logits_indices), vocab]."""
         self.backend.prepare(meta)
-        hidden, residual = self.model_forward(input_ids, positions, meta)
+        run = self.model_forward if model_forward is None else model_forward
+        hidden, residual = run(input_ids, positions, meta)
         return self.model.compute_logits(hidden, residual, meta)
 
     @torch.inference_mode()
