@@ -143,6 +143,115 @@ def test_fake_cuda_ops_give_the_reference_shapes():
         assert [(t.shape, t.dtype, t.is_contiguous()) for t in got] == [(t.shape, t.dtype, True) for t in want]
 
 
+# ---- the compiled forward through the fused CUDA ops' schemas, on CPU ----------------------
+
+# bindings.cpp's schemas of torch.ops.myvllm; here the torch references implement them on CPU.
+MYVLLM_SCHEMAS = {
+    "rms_norm": "(Tensor x, Tensor weight, float eps) -> Tensor",
+    "fused_add_rms_norm": "(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+    "qk_norm_rope": "(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, Tensor positions, "
+                    "Tensor cos_sin_cache) -> (Tensor, Tensor)",
+    "qk_norm_rope_store": "(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, float eps, "
+                          "Tensor positions, Tensor cos_sin_cache, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+                          "Tensor slot_mapping) -> (Tensor, Tensor)",
+    "silu_and_mul": "(Tensor x) -> Tensor",
+    "gemv": "(Tensor x, Tensor weight, Tensor? norm_weight, float eps, bool silu) -> Tensor",
+    "add_norm_gemv": "(Tensor x, Tensor residual, Tensor weight, Tensor norm_weight, float eps, bool silu) "
+                     "-> (Tensor, Tensor)",
+}
+
+
+@pytest.fixture
+def cpu_myvllm_ops():
+    """torch.ops.myvllm with the CUDA kernels' schemas and fake versions, run by the torch
+    references on CPU; yields the names of the ops called."""
+    from myvllm.kernels import reference
+    from myvllm.kernels.cuda import fake
+
+    def gemv(x, w, norm_weight, eps, silu):
+        return x @ w.T if norm_weight is None else reference.norm_linear(x, norm_weight, eps, w, silu)
+
+    impls = dict(rms_norm=reference.rms_norm, fused_add_rms_norm=reference.fused_add_rms_norm,
+                 qk_norm_rope=reference.qk_norm_rope, silu_and_mul=reference.silu_and_mul, gemv=gemv,
+                 qk_norm_rope_store=lambda *a: tuple(t.clone() for t in reference.qk_norm_rope_store(*a)),
+                 add_norm_gemv=lambda x, r, w, nw, eps, silu: reference.add_norm_linear(x, r, nw, eps, w, silu))
+    calls = []
+
+    def recorded(name):
+        def run(*args):
+            calls.append(name)
+            return impls[name](*args)
+        return run
+
+    lib = torch.library.Library("myvllm", "DEF")
+    for name, schema in MYVLLM_SCHEMAS.items():
+        lib.define(name + schema)
+        lib.impl(name, recorded(name), "CPU")
+    fake.register()
+    yield calls
+    lib._destroy()
+
+
+def _fused_step(model, cache, q_lens: list[int], seq_lens: list[int], decode: bool):
+    """Inputs of one step; sequence b owns blocks 2b and 2b + 1 (16 tokens each) of cache."""
+    from myvllm.attention.backend import AttentionMetadata
+
+    for i, attn in enumerate(model.attention_layers()):
+        attn.bind_kv_cache(cache, i)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(s - n, s) for n, s in zip(q_lens, seq_lens)])
+    owner = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens))
+    meta = AttentionMetadata(
+        slot_mapping=owner * 32 + positions, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor([[2 * b, 2 * b + 1] for b in range(len(q_lens))], dtype=torch.int32),
+        query_start_loc=qsl, max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+        logits_indices=qsl[1:].long() - 1, is_decode_only=decode)
+    return positions, meta
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real torch.ops.myvllm library owns the namespace")
+def test_compiled_forward_through_the_fused_op_schemas(cpu_myvllm_ops, one_thread):
+    """With the fused ops in the model (norm prologues, matrix-vector kernel for one or two
+    tokens, q/k norm + rotary + KV store), the compiled forward calls the same ops as the eager
+    one, as opaque nodes, and leaves the same hidden states and KV cache."""
+    from myvllm.attention.torch_backend import TorchAttentionBackend
+    from myvllm.config import ModelConfig
+    from myvllm.kernels.fused_ops import KERNELS, FusedOps
+    from myvllm.models.loader import init_dummy_weights
+    from myvllm.models.qwen3_opt import Qwen3ForCausalLM
+    from myvllm.runtime.compilation import CompiledForward
+
+    ops = FusedOps(False, "cpu")
+    ops.uses_cuda_kernels = True  # the CUDA dispatch, over the ops registered above
+    ops._kernel = {op: getattr(torch.ops.myvllm, op).default for op in KERNELS}
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=True)
+    model = Qwen3ForCausalLM(cfg, 256, TorchAttentionBackend(), ops)
+    init_dummy_weights(model, 0)
+    assert model.attention_layers()[0].fused_kv_store
+    compiled = CompiledForward(model)
+    eager_cache, compiled_cache = torch.zeros(2, 2, 2, 8, 16, 2, 64)
+    gen = torch.Generator().manual_seed(0)
+    steps = [([5, 3], [5, 3], False), ([1, 1], [6, 4], True), ([1], [7], True), ([4, 1, 2], [4, 8, 6], False),
+             ([1, 1, 1], [5, 9, 7], True)]
+    with torch.inference_mode():
+        for q_lens, seq_lens, decode in steps:
+            ids = torch.randint(0, 128, (sum(q_lens),), generator=gen)
+            positions, meta = _fused_step(model, eager_cache, q_lens, seq_lens, decode)
+            cpu_myvllm_ops.clear()
+            eager = model(ids, positions, meta)
+            eager_ops = set(cpu_myvllm_ops)
+            positions, meta = _fused_step(model, compiled_cache, q_lens, seq_lens, decode)
+            cpu_myvllm_ops.clear()
+            out = compiled(ids, positions, meta)
+            assert set(cpu_myvllm_ops) == eager_ops, (q_lens, decode)
+            assert ("gemv" in eager_ops) == (sum(q_lens) <= 2)
+            for a, b in zip(eager, out):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert torch.equal(eager_cache, compiled_cache)
+
+
 # ---- CUDA: the compiled forward inside the decode graphs, with and without the fused kernels ----
 
 @pytest.fixture(scope="module", params=["small", "qwen3-0.6b"])
