@@ -195,7 +195,9 @@ def cpu_myvllm_ops():
 def _fused_step(model, cache, q_lens: list[int], seq_lens: list[int], decode: bool):
     """Inputs of one step; sequence b owns blocks 2b and 2b + 1 (16 tokens each) of cache."""
     from myvllm.attention.backend import AttentionMetadata
+    from myvllm.runtime.compilation import mark_kv_cache_static
 
+    mark_kv_cache_static(cache)
     for i, attn in enumerate(model.attention_layers()):
         attn.bind_kv_cache(cache, i)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)

@@ -14,9 +14,9 @@ prefill and mixed steps call it directly. The token count is dynamic, and the ba
 block-table width are unbacked (never specialised), so steps of any size share a few graphs:
 one token and more, for each phase the backend tells apart (decode-only or not), plus one for
 two tokens with the CUDA kernels (the matrix-vector kernel takes up to two rows). The KV cache's
-size is static: the
-layers write views of it at offsets that depend on it, which Inductor does not reinplace
-correctly when they are symbolic; so the profiling forward, over a scratch cache, runs eagerly.
+size is static (`mark_kv_cache_static`): the layers write views of it at offsets that depend
+on it, which Inductor does not place correctly when they are symbolic; so the profiling
+forward, over a scratch cache, runs eagerly.
 
 Compile cache: Inductor keeps its compiled graphs and kernels in `TORCHINDUCTOR_CACHE_DIR`
 (default `/tmp/torchinductor_<user>`), so a second start with the same model, shapes and
@@ -86,6 +86,13 @@ def _mark_dynamic(input_ids: torch.Tensor, positions: torch.Tensor, meta: Attent
     torch._dynamo.decorators.mark_unbacked(meta.block_tables, 1)
     if isinstance(meta.backend_state, torch.Tensor) and meta.backend_state.dim() > 0:
         torch._dynamo.decorators.mark_unbacked(meta.backend_state, 0)
+
+
+def mark_kv_cache_static(kv_cache: torch.Tensor) -> None:
+    """Keep the KV cache's sizes static in every compiled graph, even after a graph saw a cache of
+    another size (a second engine in the process): Dynamo would make them symbolic, and the
+    layers' writes to views of the cache at symbolic offsets are misplaced by Inductor."""
+    torch._dynamo.mark_static(kv_cache)
 
 
 def model_forward(model: nn.Module, compilation_level: int) -> Forward:

@@ -33,7 +33,7 @@ from myvllm.kernels.fused_ops import FusedOps
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.qwen3_opt import Qwen3ForCausalLM
 from myvllm.runtime import kv_cache
-from myvllm.runtime.compilation import Forward, model_forward
+from myvllm.runtime.compilation import Forward, mark_kv_cache_static, model_forward
 from myvllm.runtime.host_copy import HostCopy, host_to_device
 from myvllm.runtime.scheduler import ScheduledBatch
 from myvllm.runtime.sequence import Sequence
@@ -126,6 +126,8 @@ class ModelRunner:
     # ---- KV cache ------------------------------------------------------------------------------
 
     def _bind_kv_cache(self, cache: torch.Tensor) -> None:
+        if self.config.compiles:
+            mark_kv_cache_static(cache)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.bind_kv_cache(cache, i)
 
