@@ -37,9 +37,11 @@ from myvllm.attention.backend import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-# Distinct graphs one engine may compile (see above), with room for the graphs of earlier
-# engines in the process; past Dynamo's limit a recompile falls back to eager.
-RECOMPILE_LIMIT = 32
+# Graphs Dynamo may compile for the model's forward in one process: a few per engine (see
+# above), for several engines one after another (tests; a restarted LLM). Past the limit a
+# recompile would fall back to eager. Compiled graphs are never dropped while the process
+# lives: a captured CUDA graph replays their kernels.
+RECOMPILE_LIMIT = 64
 
 Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], tuple[torch.Tensor, torch.Tensor]]
 
