@@ -21,17 +21,17 @@ FLASH_WINS_PREFILL = {"prefill": "flash_attn", "decode": "triton"}
 
 
 def test_cpu_runs_torch():
-    assert choose_backends("auto", "cpu", 256, True) == BackendChoice("torch", "torch", "the device is a CPU")
+    assert choose_backends("auto", "cpu", 256, 128, True) == BackendChoice("torch", "torch", "the device is a CPU")
     with pytest.raises(ValueError, match="attention_backend='triton' needs CUDA"):
-        choose_backends("triton", "cpu", 16, False)
-    assert choose_backends("triton", "cpu", 16, False, interpreted_triton=True).decode == "triton"
+        choose_backends("triton", "cpu", 16, 128, False)
+    assert choose_backends("triton", "cpu", 16, 128, False, interpreted_triton=True).decode == "triton"
 
 
 def test_auto_follows_the_measured_winner_of_each_phase(monkeypatch):
-    choice = choose_backends("auto", "cuda", 256, True)
+    choice = choose_backends("auto", "cuda", 256, 128, True)
     assert (choice.prefill, choice.decode) == (selector.MEASURED_FASTER["prefill"], selector.MEASURED_FASTER["decode"])
     monkeypatch.setattr(selector, "MEASURED_FASTER", FLASH_WINS_PREFILL)
-    choice = choose_backends("auto", "cuda", 256, True)
+    choice = choose_backends("auto", "cuda", 256, 128, True)
     assert (choice.prefill, choice.decode) == ("flash_attn", "triton")
     assert "prefill: flash_attn (measured faster)" in choice.reason
 
@@ -39,7 +39,7 @@ def test_auto_follows_the_measured_winner_of_each_phase(monkeypatch):
 def test_decode_is_not_flash_attn_by_default():
     """flash-attn was the slower decode backend end to end: auto never picks it for decode."""
     assert selector.MEASURED_FASTER["decode"] == "triton"
-    assert choose_backends("auto", "cuda", 256, True).decode == "triton"
+    assert choose_backends("auto", "cuda", 256, 128, True).decode == "triton"
 
 
 @pytest.mark.parametrize("block_size, installed, problem", [
@@ -49,16 +49,24 @@ def test_decode_is_not_flash_attn_by_default():
 ])
 def test_flash_attn_needs_the_package_and_a_256_multiple(monkeypatch, block_size, installed, problem):
     monkeypatch.setattr(selector, "MEASURED_FASTER", FLASH_WINS_PREFILL)
-    choice = choose_backends("auto", "cuda", block_size, installed)
+    choice = choose_backends("auto", "cuda", block_size, 128, installed)
     assert (choice.prefill, choice.decode) == ("triton", "triton")
     assert problem in choice.reason
     with pytest.raises(ValueError, match=problem):
-        choose_backends("flash_attn", "cuda", block_size, installed)
+        choose_backends("flash_attn", "cuda", block_size, 128, installed)
+
+
+def test_auto_uses_flash_attn_only_at_the_measured_head_dim(monkeypatch):
+    monkeypatch.setattr(selector, "MEASURED_FASTER", FLASH_WINS_PREFILL)
+    choice = choose_backends("auto", "cuda", 256, 64, True)
+    assert (choice.prefill, choice.decode) == ("triton", "triton") and "head_dim=64" in choice.reason
+    assert choose_backends("flash_attn", "cuda", 256, 64, True).prefill == "flash_attn"  # asked for by name
 
 
 def test_named_backend_runs_both_phases():
-    assert choose_backends("flash_attn", "cuda", 512, True) == BackendChoice("flash_attn", "flash_attn", "asked for")
-    assert choose_backends("triton", "cuda", 16, True) == BackendChoice("triton", "triton", "asked for")
+    flash = choose_backends("flash_attn", "cuda", 512, 128, True)
+    assert flash == BackendChoice("flash_attn", "flash_attn", "asked for")
+    assert choose_backends("triton", "cuda", 16, 128, True) == BackendChoice("triton", "triton", "asked for")
 
 
 # ---- a stub flash_attn module ---------------------------------------------------------------
@@ -188,8 +196,8 @@ def test_create_backend_builds_a_phase_backend_when_the_phases_differ(monkeypatc
         return Recording(name, [])
 
     monkeypatch.setattr(selector, "_build", build)
-    backend = selector.create_backend("auto", torch.device("cuda"), 256, 4, 16, 8, 64)
+    backend = selector.create_backend("auto", torch.device("cuda"), 256, 4, 128, 8, 64)
     assert isinstance(backend, PhaseBackend) and built == ["flash_attn", "triton"]
     built.clear()
-    backend = selector.create_backend("auto", torch.device("cuda"), 16, 4, 16, 8, 64)
+    backend = selector.create_backend("auto", torch.device("cuda"), 16, 4, 128, 8, 64)
     assert not isinstance(backend, PhaseBackend) and built == ["triton"]

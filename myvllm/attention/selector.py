@@ -1,7 +1,8 @@
 """Choose the attention backend of each phase for a device and block size, and say why.
 
 `attention_backend="auto"` picks, per phase (prefill / mixed steps, and decode-only steps),
-the backend that measured faster there (`MEASURED_FASTER`), provided it can read the cache;
+the backend that measured faster there (`MEASURED_FASTER`, at the head dims measured), provided
+it can read the cache;
 when the two phases pick different backends, a `PhaseBackend` runs each step on its phase's.
 A named backend ("torch", "triton", "flash_attn") runs both phases. flash-attn's rule the user
 can read: its paged KV needs `kvcache_block_size % 256 == 0` and the `flash_attn` package.
@@ -28,6 +29,9 @@ PHASES = ("prefill", "decode")
 # (docs/performance.md holds the numbers): an entry names flash_attn only where flash-attn beat
 # Triton. Triton is the fallback wherever flash-attn cannot read the cache.
 MEASURED_FASTER = {"prefill": "triton", "decode": "triton"}
+# The head dims those measurements hold for (every Qwen3 dense model has 128); at others auto
+# runs Triton.
+MEASURED_HEAD_DIMS = (128,)
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ def flash_attn_unusable(block_size: int, installed: bool) -> str | None:
     return None
 
 
-def choose_backends(requested: str, device_type: str, block_size: int, flash_attn_present: bool,
+def choose_backends(requested: str, device_type: str, block_size: int, head_dim: int, flash_attn_present: bool,
                     interpreted_triton: bool = False) -> BackendChoice:
     """The backend of each phase for attention_backend=requested on a device of device_type
     ('cuda' or 'cpu'). interpreted_triton: Triton runs through its interpreter (CPU tests)."""
@@ -66,6 +70,8 @@ def choose_backends(requested: str, device_type: str, block_size: int, flash_att
         return BackendChoice(requested, requested, "asked for")
     if device_type == "cpu":
         return BackendChoice("torch", "torch", "the device is a CPU")
+    if flash_problem is None and head_dim not in MEASURED_HEAD_DIMS:
+        flash_problem = f"head_dim={head_dim}: the backends were measured at head_dim {list(MEASURED_HEAD_DIMS)}"
     names, reasons = {}, []
     for phase in PHASES:
         name = MEASURED_FASTER[phase]
@@ -95,7 +101,7 @@ def _build(name: str, device: torch.device, block_size: int, num_heads: int, hea
 
 def create_backend(requested: str, device: torch.device, block_size: int, num_heads: int, head_dim: int,
                    max_num_seqs: int, max_model_len: int) -> AttentionBackend:
-    choice = choose_backends(requested, device.type, block_size, flash_attn_installed(),
+    choice = choose_backends(requested, device.type, block_size, head_dim, flash_attn_installed(),
                              interpreted_triton=os.environ.get("TRITON_INTERPRET") == "1")
     args = (device, block_size, num_heads, head_dim, max_num_seqs, max_model_len)
     if choice.prefill == choice.decode:
