@@ -181,12 +181,16 @@ class ModelRunner:
     WARMUP_DECODE_BATCHES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128)
     # Query lengths that select each prefill kernel tile configuration.
     WARMUP_PREFILL_LENS = (8, 256)
+    # With a compiled forward, also the token counts Dynamo compiles apart (runtime/compilation.py),
+    # so that no step compiles a graph mid-run.
+    COMPILED_WARMUP_PREFILL_LENS = (1, 2)
 
     @torch.inference_mode()
     def warmup_kernels(self) -> None:
         """Compile the JIT kernels every step shape uses, before any timed or captured work."""
         start = time.perf_counter()
-        for q_len in self.WARMUP_PREFILL_LENS:
+        compiled = self.COMPILED_WARMUP_PREFILL_LENS if self.config.compiles else ()
+        for q_len in (*self.WARMUP_PREFILL_LENS, *compiled):
             q_len = min(q_len, self.max_model_len)
             self._forward_eager(self._dummy_inputs([q_len], [q_len], decode=False))
         for batch in self.WARMUP_DECODE_BATCHES:
