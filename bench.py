@@ -119,12 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dummy", action="store_true", help="random weights with Qwen3-0.6B shapes, no files")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs and no torch.compile")
-    parser.add_argument("--compilation-level", type=int, default=0, choices=(0, 1),
-                        help="1: the model's forward through torch.compile (inside the decode graphs too)")
-    parser.add_argument("--no-cuda-kernels", action="store_true",
-                        help="torch ops instead of the fused CUDA kernels (with --compilation-level 1, Inductor "
-                             "fuses the norms, rotary and SiLU itself)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--num-seqs", type=int, default=None,
                         help=f"prompts in the workload (default: {GPU_WORKLOAD['num_seqs']} on a GPU, "
                              f"{CPU_WORKLOAD['num_seqs']} on a CPU)")
@@ -137,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + output tokens of one sequence")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per KV cache block")
     parser.add_argument("--attention-backend", default="auto", help="auto, torch, triton or flash_attn")
+    parser.add_argument("--compilation-level", type=int, default=0, choices=(0, 1),
+                        help="1: the model's forward through torch.compile (inside the decode graphs too)")
+    parser.add_argument("--no-cuda-kernels", action="store_true",
+                        help="torch ops instead of the fused CUDA kernels (with --compilation-level 1, Inductor "
+                             "fuses the norms, rotary and SiLU itself)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's random prompts and lengths")
     parser.add_argument("--num-decode-passes", "--num-scheduler-steps", type=int, default=8,
                         help="forward passes a decode-only batch runs per schedule")
@@ -170,11 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     sizes = default_workload(args, device)
-    engine_args = dict(enforce_eager=args.enforce_eager, compilation_level=args.compilation_level,
-                       use_cuda_kernels=not args.no_cuda_kernels, max_model_len=args.max_model_len,
+    engine_args = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                        kvcache_block_size=args.block_size, attention_backend=args.attention_backend,
                        num_decode_passes=args.num_decode_passes,
                        async_scheduling=not args.no_async_scheduling, device=args.device, dtype=args.dtype)
+    engine_args.update(compilation_level=args.compilation_level, use_cuda_kernels=not args.no_cuda_kernels)
     if args.dummy:
         model = "dummy:qwen3-0.6b"
         engine_args.update(load_format="dummy", skip_tokenizer_init=True)
