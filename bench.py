@@ -174,12 +174,12 @@ def main(argv: list[str] | None = None) -> None:
                        kvcache_block_size=args.block_size, attention_backend=args.attention_backend,
                        num_decode_passes=args.num_decode_passes,
                        async_scheduling=not args.no_async_scheduling, device=args.device, dtype=args.dtype)
-    engine_args.update(compilation_level=args.compilation_level, use_cuda_kernels=not args.no_cuda_kernels)
     if args.dummy:
         model = "dummy:qwen3-0.6b"
         engine_args.update(load_format="dummy", skip_tokenizer_init=True)
     else:
         model = args.model
+    engine_args.update(compilation_level=args.compilation_level, use_cuda_kernels=not args.no_cuda_kernels)
     start = time.perf_counter()
     llm = LLM(model, **engine_args)
     init_time = time.perf_counter() - start
