@@ -60,7 +60,6 @@ class CompiledForward:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self._compiled = torch.compile(model, fullgraph=True)
         self._decided = False
-        self.first_compile_s: float | None = None  # wall time of the first compiled call
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,8 +70,7 @@ class CompiledForward:
         self._decided = True
         start = time.perf_counter()
         out = self._compiled(input_ids, positions, meta)
-        self.first_compile_s = time.perf_counter() - start
-        logger.info("model forward compiled (first graph) in %.2f s", self.first_compile_s)
+        logger.info("model forward compiled (first graph) in %.2f s", time.perf_counter() - start)
         return out
 
 
