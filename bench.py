@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         engine_args.update(load_format="dummy", skip_tokenizer_init=True)
     else:
         model = args.model
-    engine_args.update(compilation_level=args.compilation_level, use_cuda_kernels=not args.no_cuda_kernels)
     start = time.perf_counter()
-    llm = LLM(model, **engine_args)
+    llm = LLM(model, compilation_level=args.compilation_level, use_cuda_kernels=not args.no_cuda_kernels,
+              **engine_args)
     init_time = time.perf_counter() - start
     print(f"Engine start: {init_time:.2f}s")
     graph_runner = llm.engine.runner.graph_runner
