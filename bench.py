@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES),
                         help="auto (the model's dtype) or fp8 / fp8_e4m3 (float8 e4m3, scales from the checkpoint "
                              "or 1.0)")
+    parser.add_argument("--compilation-level", type=int, default=0, choices=(0, 1),
+                        help="1: the model's forward through torch.compile (inside the decode graphs too)")
+    parser.add_argument("--no-cuda-kernels", action="store_true",
+                        help="torch ops instead of the fused CUDA kernels (with --compilation-level 1, Inductor "
+                             "fuses the norms, rotary and SiLU itself)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's random prompts and lengths")
     parser.add_argument("--num-decode-passes", "--num-scheduler-steps", type=int, default=8,
                         help="forward passes a decode-only batch runs per schedule")
@@ -188,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     if model.startswith(DUMMY_PREFIX):  # built-in shapes, random weights
         engine_args.update(load_format="dummy", skip_tokenizer_init=True)
     start = time.perf_counter()
-    llm = LLM(model, **engine_args)
+    llm = LLM(model, compilation_level=args.compilation_level, use_cuda_kernels=not args.no_cuda_kernels,
+              **engine_args)
     init_time = time.perf_counter() - start
+    print(f"Engine start: {init_time:.2f}s")
     graph_runner = llm.engine.runner.graph_runner
     vocab_size = llm.engine.model_config.vocab_size
 

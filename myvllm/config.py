@@ -122,7 +122,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kvcache_block_size: int = 256
     enable_prefix_caching: bool = True
+    # No CUDA graphs and no torch.compile.
     enforce_eager: bool = False
+    # 0: the model runs eagerly; 1: its forward runs through torch.compile (runtime/compilation.py),
+    # inside the decode CUDA graphs too. Off under enforce_eager.
+    compilation_level: int = 0
     load_format: str = "auto"
     seed: int = 0
     skip_tokenizer_init: bool = False
@@ -199,6 +203,10 @@ class EngineConfig:
         _check_int("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size, 1)
         _check_int("num_decode_passes", self.num_decode_passes, 1)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        _check_int("compilation_level", self.compilation_level, 0, 1)
+        if self.compiles and self.tensor_parallel_size > 1:
+            raise ValueError(f"compilation_level={self.compilation_level} is not supported with "
+                             f"tensor_parallel_size={self.tensor_parallel_size}: use compilation_level=0")
         _check_int("max_logprobs", self.max_logprobs, 0)
         _check_int("max_n", self.max_n, 1)
         self._check_generation_config()
@@ -250,6 +258,11 @@ class EngineConfig:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+    @property
+    def compiles(self) -> bool:
+        """Whether the model's forward runs through torch.compile."""
+        return self.compilation_level >= 1 and not self.enforce_eager
 
     @property
     def is_dummy_model(self) -> bool:

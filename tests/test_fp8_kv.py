@@ -23,7 +23,8 @@ from engine_utils import PROMPTS, SMALL_KV, RunStats, run_checked
 from safetensors.torch import load_file, save_file
 
 from myvllm import LLM, SamplingParams
-from myvllm.attention.selector import choose_backend_name
+from myvllm.attention import selector
+from myvllm.attention.selector import choose_backends
 from myvllm.config import EngineConfig
 from myvllm.runtime import kv_cache
 
@@ -247,13 +248,15 @@ def test_fp8_e4m3_is_fp8(tiny_model_dir):
     assert llm.engine.runner.kv_cache.dtype == torch.float8_e4m3fn
 
 
-def test_flash_attn_does_not_read_fp8():
-    cuda = torch.device("cuda", 0)  # the choice is made from the arguments alone
+def test_flash_attn_does_not_read_fp8(monkeypatch):
+    # the choice is made from the arguments alone; flash-attn is said to win both phases
+    monkeypatch.setattr(selector, "MEASURED_FASTER", {"prefill": "flash_attn", "decode": "flash_attn"})
     with pytest.raises(ValueError, match="attention_backend='flash_attn'.*kv_cache_dtype='fp8'"):
-        choose_backend_name("flash_attn", cuda, 256, "fp8")
-    name, why = choose_backend_name("auto", cuda, 256, "fp8_e4m3")
-    assert name == "triton" and "kv_cache_dtype='fp8_e4m3'" in why
-    assert choose_backend_name("auto", torch.device("cpu"), 256, "fp8")[0] == "torch"
+        choose_backends("flash_attn", "cuda", 256, 128, True, kv_cache_dtype="fp8")
+    choice = choose_backends("auto", "cuda", 256, 128, True, kv_cache_dtype="fp8_e4m3")
+    assert (choice.prefill, choice.decode) == ("triton", "triton") and "kv_cache_dtype='fp8_e4m3'" in choice.reason
+    assert choose_backends("auto", "cuda", 256, 128, True).prefill == "flash_attn"  # the bf16 cache would take it
+    assert choose_backends("auto", "cpu", 256, 128, True, kv_cache_dtype="fp8").decode == "torch"
 
 
 def test_fused_store_takes_fp8(caplog):
@@ -277,9 +280,9 @@ def test_fused_store_takes_fp8(caplog):
     for head_dim in (128, 32):
         layers = [Attention(4, 2, head_dim, head_dim**-0.5, RotaryEmbedding(head_dim, 64, 1e4),
                             TorchAttentionBackend(), ops, bf16) for _ in range(3)]
-        cache = torch.zeros(2, 16, 2, head_dim, dtype=fp8)
-        for a in layers:
-            a.bind_kv_cache(cache, cache)
+        cache = torch.zeros(2, 3, 2, 16, 2, head_dim, dtype=fp8)  # [K/V, layers, blocks, block, Hkv, D]
+        for i, a in enumerate(layers):
+            a.bind_kv_cache(cache, i)
         assert all(a.fused_kv_store == (head_dim == 128) for a in layers)
     assert refusals(caplog) == ["qk_norm_rope_store: CUDA kernel not used (head_dim 32 not in [64, 128, 256]); "
                                 "running the torch reference instead"]

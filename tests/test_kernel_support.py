@@ -128,7 +128,7 @@ def test_without_the_fused_op_the_backend_stores_kv() -> None:
     rotary = RotaryEmbedding(32, 64, 10000.0)
     attn = Attention(4, 2, 32, 32**-0.5, rotary, Recording(), FusedOps(False, "cpu"), F32)
     assert not attn.fused_kv_store
-    attn.k_cache, attn.v_cache = torch.zeros(2, 16, 2, 32), torch.zeros(2, 16, 2, 32)
+    attn.bind_kv_cache(torch.zeros(2, 1, 2, 16, 2, 32), 0)
     q, k, v = torch.randn(3, 4, 32), torch.randn(3, 2, 32), torch.randn(3, 2, 32)
     q_norm, k_norm = RMSNorm(32, EPS), RMSNorm(32, EPS)
     positions = torch.tensor([0, 1, 2])

@@ -3,21 +3,16 @@
 Decode-only steps use the split-KV (flash-decoding) kernel, whose grid depends
 only on the batch size, so it replays inside CUDA graphs; every other step
 (prefill, chunked prefill, prefix hits, mixed prefill + decode) uses the varlen
-paged kernel. All three read and write fp8 caches with their per-KV-head scales.
+paged kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
+from myvllm.attention import ops
 from myvllm.attention.backend import AttentionBackend, AttentionMetadata
-from myvllm.kernels.triton_decode_attention import (
-    allocate_decode_workspace,
-    decode_attention,
-    default_num_splits,
-)
-from myvllm.kernels.triton_kv_store import store_kvcache
-from myvllm.kernels.triton_prefill_attention import prefill_attention
+from myvllm.kernels.triton_decode_attention import allocate_decode_workspace, default_num_splits
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -31,7 +26,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.block_size = block_size
         self.num_splits = default_num_splits(max_model_len, block_size)  # the most any batch uses
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
-                        if device.type == "cuda" else None)
+                        if device.type == "cuda" else 0)  # 0: unknown
         self.device = device
         self._workspace_batch = 0
         self._ensure_workspace(max_num_seqs)
@@ -47,18 +42,14 @@ class TritonAttentionBackend(AttentionBackend):
         self._ensure_workspace(max_batch_size)
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
-        store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        ops.triton_store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
                 v_scale=None) -> torch.Tensor:
-        out = torch.empty_like(q)
         if meta.is_decode_only:
-            # Fewer splits when the batch alone fills the GPU; depends only on B, so graph-safe.
-            splits = default_num_splits(self.max_model_len, self.block_size, batch_size=q.shape[0],
-                                        num_kv_heads=k_cache.shape[2], num_sms=self.num_sms)
-            decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale,
-                             self.partial_out, self.partial_lse, splits, k_scale, v_scale)
-        else:
-            prefill_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens,
-                              meta.block_tables, meta.max_query_len, scale, k_scale, v_scale)
-        return out
+            # Fewer splits when the batch alone fills the GPU (decided inside the op from B: graph-safe).
+            return ops.triton_decode(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
+                                     self.partial_out, self.partial_lse, self.max_model_len, self.num_sms,
+                                     k_scale, v_scale)
+        return ops.triton_prefill(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                  meta.max_query_len, scale, k_scale, v_scale)

@@ -1,7 +1,8 @@
 """Decode steps captured into CUDA graphs, one per batch-size bucket.
 
-At engine start, the decode forward (embedding -> decoder layers) is captured for each
-bucket size, largest first, all graphs sharing one memory pool.
+At engine start, the decode forward (embedding -> decoder layers; with compilation_level=1 the
+compiled one, runtime/compilation.py) is captured for each bucket size, largest first, all
+graphs sharing one memory pool.
 Inputs live in static device buffers that every graph reads:
 
     input_ids, positions, slot_mapping   [max_bs]
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from myvllm.attention.backend import AttentionBackend, AttentionMetadata
+from myvllm.runtime.compilation import Forward
 from myvllm.runtime.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -53,9 +55,10 @@ def padded_size(batch_size: int, sizes: list[int]) -> int | None:
 class GraphRunner:
     """The decode CUDA graphs of one model: capture, padding, replay."""
 
-    def __init__(self, model: nn.Module, backend: AttentionBackend, device: torch.device, max_batch_size: int,
-                 max_model_len: int, block_size: int) -> None:
-        self.model = model  # forward(input_ids, positions, meta) -> (hidden, residual); logits(hidden, residual)
+    def __init__(self, model: nn.Module, forward: Forward, backend: AttentionBackend, device: torch.device,
+                 max_batch_size: int, max_model_len: int, block_size: int) -> None:
+        self.model = model  # logits(hidden, residual) runs after the replay
+        self.forward = forward  # (input_ids, positions, meta) -> (hidden, residual): the model, or it compiled
         self.backend = backend
         self.device = device
         self.max_batch_size = max_batch_size
@@ -101,7 +104,7 @@ class GraphRunner:
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         meta = self._meta(bs)
         self.backend.prepare(meta)
-        return self.model(self.tokens[0, :bs], self.tokens[1, :bs], meta)
+        return self.forward(self.tokens[0, :bs], self.tokens[1, :bs], meta)
 
     @torch.inference_mode()
     def capture_all(self) -> None:

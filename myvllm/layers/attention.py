@@ -4,10 +4,16 @@ This layer is the one place that decides who writes the step's K and V: the fuse
 (per-head q/k RMSNorm, rotary and the KV store in one kernel) when it supports the layer's
 head_dim and the dtypes of the activations and the cache, else the q/k op followed by the
 backend's `store_kv`. The backend (torch, triton or flash_attn, chosen once by the model
-runner) then only attends. The layer holds its slice of the KV cache, bound after the cache is
-allocated (`bind_kv_cache`), and the cache's scales: `k_scale` and `v_scale` [num_kv_heads]
-float32, which an fp8 cache divides K and V by when storing and multiplies by when reading
-(1.0 unless the checkpoint has `self_attn.k_scale` / `v_scale` or the runner measures them).
+runner) then only attends. The layer also holds the cache's scales: `k_scale` and `v_scale`
+[num_kv_heads] float32, which an fp8 cache divides K and V by when storing and multiplies by
+when reading (1.0 unless the checkpoint has `self_attn.k_scale` / `v_scale` or the runner
+measures them).
+
+The layer holds the whole KV cache (bound after the cache is allocated, `bind_kv_cache`) and
+its index into it. Under torch.compile it takes its K and V views inside forward, so that every
+layer writes views of one graph input, which the compiler updates in place (views held as
+attributes would be inputs aliasing each other, which it copies whole); eager steps use views
+made once.
 """
 
 from __future__ import annotations
@@ -37,9 +43,7 @@ class Attention(nn.Module):
         self.dtype = dtype
         self.k_scale = self._kv_scale()
         self.v_scale = self._kv_scale()
-        self.fused_kv_store = self._fused_store_supported(dtype)
-        self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim]
-        self.v_cache = torch.empty(0)
+        self.bind_kv_cache(torch.empty(2, 1, 0, dtype=dtype), 0)
 
     def _kv_scale(self) -> nn.Parameter:
         scale = nn.Parameter(torch.ones(self.num_kv_heads, dtype=torch.float32), requires_grad=False)
@@ -52,10 +56,12 @@ class Attention(nn.Module):
         return self.ops.supports("qk_norm_rope_store", self.head_dim, (self.dtype, cache_dtype),
                                  self.rotary.cos_sin_cache.dtype)
 
-    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """Use these caches [num_blocks, block_size, num_kv_heads, head_dim] from now on."""
-        self.k_cache, self.v_cache = k_cache, v_cache
-        self.fused_kv_store = self._fused_store_supported(k_cache.dtype)
+    def bind_kv_cache(self, kv_cache: torch.Tensor, layer_index: int) -> None:
+        """kv_cache [2, layers, num_blocks, block_size, num_kv_heads, head_dim]; this layer's K and V
+        are kv_cache[0, layer_index] and kv_cache[1, layer_index]."""
+        self.kv_cache, self.layer_index = kv_cache, layer_index
+        self.k_cache, self.v_cache = kv_cache[0, layer_index], kv_cache[1, layer_index]  # eager steps' views
+        self.fused_kv_store = self._fused_store_supported(kv_cache.dtype)
 
     def load_kv_scale(self, param: nn.Parameter, loaded: Loaded) -> None:
         """A checkpoint's k_scale / v_scale: one per-tensor value (shape [] or [1]), or one per KV
@@ -72,11 +78,15 @@ class Attention(nn.Module):
                 q_norm: RMSNorm, k_norm: RMSNorm, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] as projected (unit stride on D), positions [T] -> [T, H, D]."""
         cos_sin = self.rotary.cos_sin_cache
+        if torch.compiler.is_compiling():  # views of the one cache input (see the module docstring)
+            k_cache, v_cache = self.kv_cache[0, self.layer_index], self.kv_cache[1, self.layer_index]
+        else:
+            k_cache, v_cache = self.k_cache, self.v_cache
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         if self.fused_kv_store:  # one kernel normalises and rotates q and k and writes K and V
             q, k = self.ops.qk_norm_rope_store(q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, positions, cos_sin,
-                                               self.k_cache, self.v_cache, meta.slot_mapping, **scales)
+                                               k_cache, v_cache, meta.slot_mapping, **scales)
         else:
             q, k = self.ops.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, q_norm.eps, positions, cos_sin)
-            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)
-        return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale, **scales)
+            self.backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, **scales)
+        return self.backend.forward(q, k_cache, v_cache, meta, self.scale, **scales)

@@ -37,6 +37,7 @@ from myvllm.layers.quantization.fp8 import Fp8LinearMethod, convert_linears
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.registry import model_class
 from myvllm.runtime import kv_cache
+from myvllm.runtime.compilation import Forward, mark_kv_cache_static, model_forward
 from myvllm.runtime.host_copy import HostCopy, host_to_device
 from myvllm.runtime.scheduler import ScheduledBatch
 from myvllm.runtime.sequence import Sequence
@@ -115,6 +116,7 @@ class ModelRunner:
         else:
             load_checkpoint(self.model, checkpoint_path, model_config.tie_word_embeddings)
         self.model.eval()
+        self.model_forward = model_forward(self.model, 1 if config.compiles else 0)
         self.tp.barrier()  # every rank loaded (a rank that failed is seen here, before any device collective)
         logger.info("model built and loaded in %.2f s (%s, %s)", time.perf_counter() - start, self.dtype, self.device)
         self.sampler = Sampler()
@@ -130,7 +132,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             from myvllm.capture.graph_runner import GraphRunner
 
-            self.graph_runner = GraphRunner(self.model, self.backend, self.device,
+            self.graph_runner = GraphRunner(self.model, self.model_forward, self.backend, self.device,
                                             min(config.max_num_seqs, config.cuda_graph_max_batch_size),
                                             max_model_len, self.block_size)
             self.graph_runner.capture_all()
@@ -138,8 +140,10 @@ class ModelRunner:
     # ---- KV cache ------------------------------------------------------------------------------
 
     def _bind_kv_cache(self, cache: torch.Tensor) -> None:
+        if self.config.compiles:
+            mark_kv_cache_static(cache)
         for i, attn in enumerate(self.model.attention_layers()):
-            attn.bind_kv_cache(cache[0, i], cache[1, i])
+            attn.bind_kv_cache(cache, i)
 
     @torch.inference_mode()
     def calibrate_kv_scales(self) -> None:
@@ -192,7 +196,9 @@ class ModelRunner:
         inputs.logits_indices = np.arange(num_tokens - num_sampled, num_tokens, dtype=np.int64)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        logits = self._forward_eager(inputs)
+        # Eager even when compiling: a compiled graph is specialised to the KV cache's size, and
+        # this scratch cache is not the one the steps use.
+        logits = self._forward_eager(inputs, self.model)
         meta = SamplingMetadata(all_greedy=False, temperatures=torch.ones(num_sampled, device=self.device),
                                 generator=self.sampling.generator)
         self.sampler(logits, meta)
@@ -206,12 +212,16 @@ class ModelRunner:
     WARMUP_DECODE_BATCHES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128)
     # Query lengths that select each prefill kernel tile configuration.
     WARMUP_PREFILL_LENS = (8, 256)
+    # With a compiled forward, also the token counts Dynamo compiles apart (runtime/compilation.py),
+    # so that no step compiles a graph mid-run.
+    COMPILED_WARMUP_PREFILL_LENS = (1, 2)
 
     @torch.inference_mode()
     def warmup_kernels(self) -> None:
         """Compile the JIT kernels every step shape uses, before any timed or captured work."""
         start = time.perf_counter()
-        for q_len in self.WARMUP_PREFILL_LENS:
+        compiled = self.COMPILED_WARMUP_PREFILL_LENS if self.config.compiles else ()
+        for q_len in (*self.WARMUP_PREFILL_LENS, *compiled):
             q_len = min(q_len, self.max_model_len)
             self._forward_eager(self._dummy_inputs([q_len], [q_len], decode=False))
         for batch in self.WARMUP_DECODE_BATCHES:
@@ -241,14 +251,17 @@ class ModelRunner:
 
     # ---- one batch -----------------------------------------------------------------------------
 
-    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+    def _forward_eager(self, inputs: StepInputs, model_forward: Forward | None = None) -> torch.Tensor:
         input_ids, positions, meta = inputs.to_device(self.device)
-        return self.forward(input_ids, positions, meta)
+        return self.forward(input_ids, positions, meta, model_forward)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One forward through the model and LM head: logits [len(meta.logits_indices), vocab]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                model_forward: Forward | None = None) -> torch.Tensor:
+        """One forward through the model (model_forward, else self.model_forward: the model or it
+        compiled) and the LM head: logits [len(meta.logits_indices), vocab]."""
         self.backend.prepare(meta)
-        hidden, residual = self.model(input_ids, positions, meta)
+        run = self.model_forward if model_forward is None else model_forward
+        hidden, residual = run(input_ids, positions, meta)
         return self.model.compute_logits(hidden, residual, meta)
 
     @torch.inference_mode()
@@ -415,7 +428,7 @@ class ModelRunner:
         """forward(), plus the logprobs of the prompt tokens inputs.prompt_logprobs names, from the
         raw logits of the rows before them (in slices of PROMPT_LOGPROB_ROWS rows)."""
         self.backend.prepare(meta)
-        hidden, residual = self.model(input_ids, positions, meta)
+        hidden, residual = self.model_forward(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden, residual, meta)
         wanted = inputs.prompt_logprobs
         rows = host_to_device(wanted.rows, self.device)
@@ -454,7 +467,7 @@ class ModelRunner:
         the garbage collector frees: it runs here, so that the device memory is back at once."""
         if self.model is None:
             return
-        self.model = self.graph_runner = self.kv_cache = self.backend = None
+        self.model = self.model_forward = self.graph_runner = self.kv_cache = self.backend = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,7 +1,7 @@
 // Registers the CUDA kernels as torch custom ops in the `myvllm` namespace, so that CUDA graph
 // capture sees ordinary dispatcher ops. All ops return new tensors; qk_norm_rope_store also
-// mutates the caches it is given (declared in its schema). There are no fake (meta) versions:
-// nothing traces these ops with torch.compile.
+// mutates the caches it is given (declared in its schema). Their fake (meta) versions, which
+// torch.compile traces with, are registered from Python (fake.py).
 //
 // TORCH_LIBRARY may define a namespace only once per process, so this library owns
 // `myvllm`: other code adding ops to it must use TORCH_LIBRARY_FRAGMENT, or

@@ -98,6 +98,9 @@ def load_cuda_ops() -> bool:
         return False
     try:
         _build_and_load()
+        from myvllm.kernels.cuda import fake
+
+        fake.register()  # so that torch.compile can trace the model through the ops
     except Exception as exc:  # noqa: BLE001 - a failed build must never take the engine down
         logger.info("CUDA kernels not used (build failed: %s); falling back to the torch reference ops", exc)
         return False

@@ -84,12 +84,19 @@ def gemv_fits(x: torch.Tensor, weight: torch.Tensor, silu: bool = False, norm_we
     fits = (1 <= rows <= GEMV_MAX_ROWS and weight.shape[1] == k and weight.is_contiguous()
             and n >= (2 if silu else 1) and not (silu and n % 2)
             and k % vec == 0 and x.stride(1) == 1 and x.stride(0) % vec == 0
-            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and _aligned(x) and _aligned(weight)
             and rows * k * x.element_size() <= GEMV_MAX_STAGED_BYTES)
     if fits and norm_weight is not None:
         fits = (norm_weight.shape == (k,) and norm_weight.dtype == x.dtype and norm_weight.stride(0) == 1
-                and norm_weight.data_ptr() % 16 == 0)
+                and _aligned(norm_weight))
     if fits and residual is not None:
         fits = (residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
-                and residual.stride(0) % vec == 0 and residual.data_ptr() % 16 == 0)
+                and residual.stride(0) % vec == 0 and _aligned(residual))
     return fits
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether t starts on a 16-byte boundary. Inside a torch.compile trace there is no address:
+    there the operands are parameters and outputs of earlier ops (new allocations, aligned), and
+    the kernel checks the address again when it runs."""
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
