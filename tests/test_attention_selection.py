@@ -146,10 +146,10 @@ class Recording(AttentionBackend):
         self.log.append((self.name, "prepare"))
         meta.backend_state = self.name
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
         self.log.append((self.name, "store_kv"))
 
-    def forward(self, q, k_cache, v_cache, meta, scale):
+    def forward(self, q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None):
         self.log.append((self.name, "forward", meta.backend_state))
         return q
 

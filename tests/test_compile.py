@@ -153,7 +153,7 @@ MYVLLM_SCHEMAS = {
                     "Tensor cos_sin_cache) -> (Tensor, Tensor)",
     "qk_norm_rope_store": "(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, float eps, "
                           "Tensor positions, Tensor cos_sin_cache, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-                          "Tensor slot_mapping) -> (Tensor, Tensor)",
+                          "Tensor slot_mapping, Tensor? k_scale=None, Tensor? v_scale=None) -> (Tensor, Tensor)",
     "silu_and_mul": "(Tensor x) -> Tensor",
     "gemv": "(Tensor x, Tensor weight, Tensor? norm_weight, float eps, bool silu) -> Tensor",
     "add_norm_gemv": "(Tensor x, Tensor residual, Tensor weight, Tensor norm_weight, float eps, bool silu) "
