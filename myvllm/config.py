@@ -308,9 +308,6 @@ class ModelConfig:
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
         if self.num_experts:
             self._check_moe()
-            if self.quantization is not None:
-                raise ValueError(f"quantization (fp8) of {self.architecture}: block-FP8 experts are not supported; "
-                                 f"run the model's unquantized (bf16) checkpoint")
 
     def _check_moe(self) -> None:
         _check_int("num_experts", self.num_experts, 1)

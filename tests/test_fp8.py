@@ -261,13 +261,12 @@ def rank_layer(kind: str, rank: int, size: int):
     from myvllm.layers.quantization.fp8 import Fp8LinearMethod
 
     tp = TensorParallelGroup(rank=rank, size=size)
-    layer = {"row": lambda: RowParallelLinear(512, 192, None, tp),
-             "row-ragged": lambda: RowParallelLinear(384, 192, None, tp),
-             "merged": lambda: MergedColumnParallelLinear(192, [256, 512], None, tp),
-             "merged-ragged": lambda: MergedColumnParallelLinear(192, [384, 384], None, tp),
-             "qkv": lambda: QKVParallelLinear(192, 128, 4, 1, None, tp)}[kind]()
-    Fp8LinearMethod(Fp8Config(), torch.device("cpu"), torch.float32).create_weights(layer, kind)
-    return layer
+    fp8 = dict(quant_method=Fp8LinearMethod(Fp8Config(), torch.device("cpu"), torch.float32), prefix=kind)
+    return {"row": lambda: RowParallelLinear(512, 192, None, tp, **fp8),
+            "row-ragged": lambda: RowParallelLinear(384, 192, None, tp, **fp8),
+            "merged": lambda: MergedColumnParallelLinear(192, [256, 512], None, tp, **fp8),
+            "merged-ragged": lambda: MergedColumnParallelLinear(192, [384, 384], None, tp, **fp8),
+            "qkv": lambda: QKVParallelLinear(192, 128, 4, 1, None, tp, **fp8)}[kind]()
 
 
 def random_fp8(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

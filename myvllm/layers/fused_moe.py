@@ -10,7 +10,9 @@ replicated, so every rank routes each token to the same experts.
 
 The checkpoint stores one tensor per expert and projection
 (`mlp.experts.{e}.{gate,up,down}_proj.weight`); `expert_params_mapping` names, for the
-loader, the parameter and shard (expert, projection) each of them fills.
+loader, the parameter and shard (expert, projection) each of them fills. Built with a
+`quant_method` (layers/quantization/fp8_moe.py) the layer holds block-FP8 stacks and their
+scales (`*_weight_scale_inv`, filled through the same mapping) and runs the method's op.
 """
 
 from __future__ import annotations
@@ -72,14 +74,24 @@ class TopKRouter(nn.Module):
 
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, fused_experts: FusedExperts,
-                 tp: TensorParallelGroup = SINGLE) -> None:
+                 tp: TensorParallelGroup = SINGLE, quant_method=None, prefix: str = "") -> None:
+        """fused_experts: the unquantized op (select_fused_experts); quant_method (e.g.
+        layers.quantization.fp8_moe.Fp8MoEMethod; None: unquantized) creates quantized stacks
+        and runs them; prefix: the MoE block's module name (model.layers.3.mlp), for errors."""
         super().__init__()
         if intermediate_size % tp.size:
             raise ValueError(f"moe_intermediate_size={intermediate_size} is not divisible by "
                              f"tensor_parallel_size={tp.size}")
         self.tp = tp
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size  # of the checkpoint's experts
         self.shard_size = intermediate_size // tp.size  # I: this rank's slice
+        self.quant_method = quant_method
+        if quant_method is not None:
+            quant_method.create_weights(self, prefix)
+            self.fused_experts = quant_method.fused_experts
+            return
         self.fused_experts = fused_experts
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.shard_size, hidden_size),
                                        requires_grad=False)
@@ -101,5 +113,8 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H] (normalised), the router's choice [T, K] -> the experts' weighted sum [T, H],
         summed over the ranks."""
-        out = self.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        if self.quant_method is not None:
+            out = self.quant_method.apply(self, x, topk_weights, topk_ids)
+        else:
+            out = self.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         return self.tp.all_reduce(out)

@@ -10,8 +10,8 @@ tensor may be a `CheckpointTensor`, which reads from the file only that part.
 A column-parallel layer also takes a `NormPrologue` (layers/norm.py): the RMSNorm that
 feeds it, and the residual add before that norm, then run inside the projection.
 
-A layer with a `quant_method` (layers/quantization/fp8.py sets one on the layers it converts)
-holds quantized parameters in place of `weight` and multiplies through the method; the fused
+A layer built with a `quant_method` (layers/quantization/fp8.py's Fp8LinearMethod) holds the
+method's quantized parameters, created in their own dtype, and multiplies through it; the fused
 norm + projection kernels take unquantized weights only, so such a layer runs the norm, then
 the method's GEMM. `packed_slice` says where a packed shard lies, for weights and their scales.
 """
@@ -28,18 +28,26 @@ from myvllm.models.weight_utils import Loaded, copy_checked, shard
 
 class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, tp: TensorParallelGroup, tp_dim: int | None,
-                 ops) -> None:
+                 ops, quant_method=None, prefix: str = "") -> None:
+        """input_size, output_size: this rank's weight [output_size, input_size]. quant_method
+        (e.g. layers.quantization.fp8.Fp8LinearMethod; None: unquantized) creates the layer's
+        parameters in its format; prefix: the layer's module name, for its errors."""
         super().__init__()
         self.tp = tp
         self.tp_dim = tp_dim  # which weight dim is split over ranks (None: replicated)
         self.ops = ops  # kernels.fused_ops.FusedOps: a matrix-vector kernel for few tokens, else cuBLAS
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        self.quant_method = None  # e.g. layers.quantization.fp8.Fp8LinearMethod, set by its convert_linears
+        self.output_size_per_partition = output_size
+        self.input_size_per_partition = input_size
+        self.quant_method = quant_method
+        if quant_method is None:
+            self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
+        else:
+            quant_method.create_weights(self, prefix)
 
     def output_partition_sizes(self) -> list[int]:
         """This rank's output rows of each packed projection (one entry when not packed)."""
-        return [self.weight.shape[0]]
+        return [self.output_size_per_partition]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ this rank's weight.T -> [T, N] (no all-reduce)."""
@@ -55,10 +63,11 @@ class LinearBase(nn.Module):
 
 
 class ColumnParallelLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, ops, tp: TensorParallelGroup = SINGLE) -> None:
+    def __init__(self, input_size: int, output_size: int, ops, tp: TensorParallelGroup = SINGLE,
+                 quant_method=None, prefix: str = "") -> None:
         if output_size % tp.size:
             raise ValueError(f"output size {output_size} is not divisible by tensor_parallel_size={tp.size}")
-        super().__init__(input_size, output_size // tp.size, tp, 0, ops)
+        super().__init__(input_size, output_size // tp.size, tp, 0, ops, quant_method, prefix)
 
     def forward(self, x: NormPrologue, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the normalised input's operands -> (this rank's projection [T, N], or silu(gate) * up
@@ -81,9 +90,10 @@ def load_packed(layer, param: nn.Parameter, loaded: Loaded, shard_id) -> None:
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one matrix (gate_up_proj)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], ops, tp: TensorParallelGroup = SINGLE) -> None:
+    def __init__(self, input_size: int, output_sizes: list[int], ops, tp: TensorParallelGroup = SINGLE,
+                 quant_method=None, prefix: str = "") -> None:
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), ops, tp)
+        super().__init__(input_size, sum(output_sizes), ops, tp, quant_method, prefix)
 
     def output_partition_sizes(self) -> list[int]:
         return [size // self.tp.size for size in self.output_sizes]
@@ -105,7 +115,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(
         self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, ops,
-        tp: TensorParallelGroup = SINGLE,
+        tp: TensorParallelGroup = SINGLE, quant_method=None, prefix: str = "",
     ) -> None:
         if num_heads % tp.size:
             raise ValueError(f"num_attention_heads={num_heads} is not divisible by tensor_parallel_size={tp.size}")
@@ -119,7 +129,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
         self.kv_replicas = max(1, tp.size // num_kv_heads)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        LinearBase.__init__(self, hidden_size, out, tp, 0, ops)
+        LinearBase.__init__(self, hidden_size, out, tp, 0, ops, quant_method, prefix)
 
     def output_partition_sizes(self) -> list[int]:
         kv_size = self.num_kv_heads * self.head_dim
@@ -140,10 +150,11 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, ops, tp: TensorParallelGroup = SINGLE) -> None:
+    def __init__(self, input_size: int, output_size: int, ops, tp: TensorParallelGroup = SINGLE,
+                 quant_method=None, prefix: str = "") -> None:
         if input_size % tp.size:
             raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size={tp.size}")
-        super().__init__(input_size // tp.size, output_size, tp, 1, ops)
+        super().__init__(input_size // tp.size, output_size, tp, 1, ops, quant_method, prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, this rank's share of the input features] -> [T, N], summed over the ranks."""

@@ -10,6 +10,10 @@ then applies per-head RMSNorm to q and k, rotary, the KV store and paged attenti
 (layers/attention.py). `Qwen3Attention` is shared with the MoE decoder, which swaps the MLP.
 `packed_modules_mapping` tells the loader which checkpoint tensors go into which slice of a
 packed parameter.
+
+With a quantization config (ModelConfig.quantization) the linear layers of the decoder are
+built quantized (layers/quantization/fp8.py), each given its checkpoint module names so that
+modules_to_not_convert is honoured; the embeddings, norms and LM head stay unquantized.
 """
 
 from __future__ import annotations
@@ -26,21 +30,30 @@ from myvllm.layers.attention import Attention
 from myvllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from myvllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from myvllm.layers.norm import NormPrologue, RMSNorm
+from myvllm.layers.quantization.fp8 import Fp8LinearMethod
 from myvllm.layers.rotary import RotaryEmbedding
+
+
+def linear_method(quant: Fp8LinearMethod | None, names: list[str]) -> Fp8LinearMethod | None:
+    """The quantization method of a linear layer packing the checkpoint modules `names`."""
+    return None if quant is None else quant.for_layer(names)
 
 
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops,
-                 tp: TensorParallelGroup) -> None:
+                 tp: TensorParallelGroup, quant: Fp8LinearMethod | None = None, prefix: str = "") -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
+        qkv = [f"{prefix}.{p}_proj" for p in "qkv"]
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, ops, tp)
+                                          cfg.num_key_value_heads, ops, tp, linear_method(quant, qkv),
+                                          f"{prefix}.qkv_proj")
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, ops, tp)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, ops, tp,
+                                        linear_method(quant, [f"{prefix}.o_proj"]), f"{prefix}.o_proj")
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, rotary, backend,
@@ -63,10 +76,14 @@ class Qwen3Attention(nn.Module):
 class Qwen3MLP(nn.Module):
     """down(silu(gate(x)) * up(x)), with silu(gate) * up fused into the gate_up projection."""
 
-    def __init__(self, cfg: ModelConfig, ops, tp: TensorParallelGroup) -> None:
+    def __init__(self, cfg: ModelConfig, ops, tp: TensorParallelGroup, quant: Fp8LinearMethod | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, ops, tp)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, ops, tp)
+        gate_up = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, ops, tp,
+                                                       linear_method(quant, gate_up), f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, ops, tp,
+                                           linear_method(quant, [f"{prefix}.down_proj"]), f"{prefix}.down_proj")
 
     def forward(self, x: NormPrologue) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the post-attention norm and its operands -> (MLP output [T, hidden], the residual stream)."""
@@ -76,13 +93,15 @@ class Qwen3MLP(nn.Module):
 
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops,
-                 tp: TensorParallelGroup, mlp: nn.Module | None = None) -> None:
-        """mlp: the feed-forward block, taking a NormPrologue (default: the dense Qwen3MLP)."""
+                 tp: TensorParallelGroup, mlp: nn.Module | None = None, quant: Fp8LinearMethod | None = None,
+                 prefix: str = "") -> None:
+        """mlp: the feed-forward block, taking a NormPrologue (default: the dense Qwen3MLP);
+        prefix: the layer's checkpoint name (model.layers.3)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Qwen3Attention(cfg, rotary, backend, ops, tp)
+        self.self_attn = Qwen3Attention(cfg, rotary, backend, ops, tp, quant, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = mlp if mlp is not None else Qwen3MLP(cfg, ops, tp)
+        self.mlp = mlp if mlp is not None else Qwen3MLP(cfg, ops, tp, quant, f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +114,16 @@ class Qwen3DecoderLayer(nn.Module):
 
 class Qwen3Model(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int, backend: AttentionBackend, ops,
-                 tp: TensorParallelGroup, mlp_of_layer: Callable[[int], nn.Module | None] | None = None) -> None:
-        """mlp_of_layer: layer index -> its feed-forward block (None: the dense one); the MoE decoder's hook."""
+                 tp: TensorParallelGroup, mlp_of_layer: Callable[[int], nn.Module | None] | None = None,
+                 quant: Fp8LinearMethod | None = None) -> None:
+        """mlp_of_layer: layer index -> its feed-forward block (None: the dense one); the MoE decoder's hook.
+        quant: the linear layers' quantization method (None: unquantized)."""
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(cfg, self.rotary, backend, ops, tp, mlp_of_layer(i) if mlp_of_layer else None)
+            Qwen3DecoderLayer(cfg, self.rotary, backend, ops, tp, mlp_of_layer(i) if mlp_of_layer else None,
+                              quant, f"model.layers.{i}")
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -130,12 +152,20 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int, backend: AttentionBackend, ops,
                  tp: TensorParallelGroup = SINGLE,
                  mlp_of_layer: Callable[[int], nn.Module | None] | None = None) -> None:
+        """Built on the default device in the default dtype (the quantized parameters in theirs)."""
         super().__init__()
         self.config = cfg
-        self.model = Qwen3Model(cfg, max_position, backend, ops, tp, mlp_of_layer)
+        self.model = Qwen3Model(cfg, max_position, backend, ops, tp, mlp_of_layer, self.linear_quant(cfg, ops))
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ops, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def linear_quant(cfg: ModelConfig, ops) -> Fp8LinearMethod | None:
+        """The linear layers' quantization method for cfg.quantization (None: unquantized)."""
+        if cfg.quantization is None:
+            return None
+        return Fp8LinearMethod(cfg.quantization, ops.device, torch.get_default_dtype())
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

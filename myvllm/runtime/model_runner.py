@@ -33,7 +33,6 @@ from myvllm.attention.selector import create_backend
 from myvllm.config import EngineConfig, ModelConfig
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
 from myvllm.kernels.fused_ops import FusedOps
-from myvllm.layers.quantization.fp8 import Fp8LinearMethod, convert_linears
 from myvllm.models.loader import init_dummy_weights, load_checkpoint
 from myvllm.models.registry import model_class
 from myvllm.runtime import kv_cache
@@ -109,8 +108,6 @@ class ModelRunner:
         with torch.device(self.device), default_dtype(self.dtype):
             self.model = model_class(model_config.architecture)(model_config, max_model_len, self.backend,
                                                                 self.ops, tp)
-            if model_config.quantization is not None:
-                convert_linears(self.model, Fp8LinearMethod(model_config.quantization, self.device, self.dtype))
         if checkpoint_path is None:
             init_dummy_weights(self.model, config.seed)
         else:

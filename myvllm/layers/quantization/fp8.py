@@ -1,10 +1,11 @@
 """Block-FP8 linear layers: parameters, their loading, dummy values and the GEMM dispatch.
 
-`convert_linears(model, method)` gives every linear layer of a model that modules_to_not_convert
-does not name an `Fp8LinearMethod`, which swaps its `weight` for
+The model gives each of its linear layers `method.for_layer(checkpoint names)`: the method, or
+None for a layer that modules_to_not_convert names. A layer built with the method holds
   - `weight` float8_e4m3fn [N, K] (this rank's rows / columns), and
-  - `weight_scale_inv` float32 [ceil(N / block_n), ceil(K / block_k)], one scale per block;
-the checkpoint may store the scales in bf16, fp16 or fp32.
+  - `weight_scale_inv` float32 [ceil(N / block_n), ceil(K / block_k)], one scale per block,
+created in these dtypes (an FP8 model never holds an unquantized copy of its weights); the
+checkpoint may store the scales in bf16, fp16 or fp32.
 
 Tensor parallelism splits on block boundaries, as vLLM requires: a rank's share of a split dim
 and each projection of a packed layer (q/k/v, gate/up) must be a whole number of blocks, so the
@@ -18,10 +19,7 @@ dtype at each call and multiplied with torch (kernels/reference_fp8.py). The fus
 projection kernels take unquantized weights only: a converted layer runs the norm, then this
 GEMM (layers/linear.py), as logged once when the method is built.
 
-Stacked expert weights [E, N, K] with scales [E, N / 128, K / 128] reuse the same pieces:
-reference_fp8.quantize_weight / dequantize_weight take leading dims, `block_scale_loader`'s
-block arithmetic applies to each expert's slice, and triton_fp8_gemm.block_fp8_tile computes an
-expert's output tile given that expert's weight and scale pointers.
+The stacked expert weights of an MoE layer have their own method (fp8_moe.py).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ logger = logging.getLogger(__name__)
 SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _check_dtype(what: str, loaded: Loaded, allowed: tuple[torch.dtype, ...]) -> None:
+def check_dtype(what: str, loaded: Loaded, allowed: tuple[torch.dtype, ...]) -> None:
     if loaded.dtype not in allowed:
         raise ValueError(f"{what} has dtype {loaded.dtype}, a block-FP8 layer takes {[str(d) for d in allowed]}")
 
@@ -68,10 +66,22 @@ class Fp8LinearMethod:
         logger.info("block-FP8 linear layers %s: %s; each norm runs before its projection (the fused "
                     "norm + projection kernels take unquantized weights)", list(config.weight_block_size), gemm)
 
+    def for_layer(self, names: list[str]) -> Fp8LinearMethod | None:
+        """The method of a linear layer that packs the checkpoint modules `names` (e.g.
+        [model.layers.0.self_attn.q_proj, k_proj, v_proj]): None when modules_to_not_convert names
+        them all, ValueError when it names some but not all (one matrix holds them all)."""
+        skipped = [self.config.is_skipped(n) for n in names]
+        if all(skipped):
+            return None
+        if any(skipped):
+            raise ValueError(f"quantization_config.modules_to_not_convert names some but not all of {names}, "
+                             f"which the model packs into one matrix")
+        return self
+
     def check_shapes(self, layer: LinearBase, prefix: str) -> None:
         """ValueError unless this rank's split dims and packed projections are whole blocks."""
         bn, bk = self.config.block_n, self.config.block_k
-        n, k = layer.weight.shape
+        k = layer.input_size_per_partition
         split = layer.tp.size > 1
         if split and layer.tp_dim == 1 and k % bk:
             raise ValueError(f"{prefix}: input features per rank {k} (tensor_parallel_size={layer.tp.size}) "
@@ -85,30 +95,27 @@ class Fp8LinearMethod:
                                      f"block_n={bn}")
 
     def create_weights(self, layer: LinearBase, prefix: str) -> None:
-        """Replace layer.weight by fp8 weight and float32 weight_scale_inv parameters on its device."""
+        """Give layer (being built) fp8 weight and float32 weight_scale_inv parameters, on the
+        default device; prefix names the layer in errors."""
         self.check_shapes(layer, prefix)
-        n, k = layer.weight.shape
-        device = layer.weight.device
-        del layer.weight
-        layer.weight = nn.Parameter(torch.empty(n, k, dtype=FP8_DTYPE, device=device), requires_grad=False)
-        scale = torch.empty(cdiv(n, self.config.block_n), cdiv(k, self.config.block_k), dtype=torch.float32,
-                            device=device)
+        n, k = layer.output_size_per_partition, layer.input_size_per_partition
+        layer.weight = nn.Parameter(torch.empty(n, k, dtype=FP8_DTYPE), requires_grad=False)
+        scale = torch.empty(cdiv(n, self.config.block_n), cdiv(k, self.config.block_k), dtype=torch.float32)
         layer.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
 
         def weight_loader(param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
-            _check_dtype("weight", loaded, (FP8_DTYPE,))
+            check_dtype("weight", loaded, (FP8_DTYPE,))
             if shard_id is None:
                 layer.weight_loader(param, loaded)
             else:
                 layer.weight_loader(param, loaded, shard_id)
 
         def scale_loader(param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
-            _check_dtype("weight_scale_inv", loaded, SCALE_DTYPES)
+            check_dtype("weight_scale_inv", loaded, SCALE_DTYPES)
             self.load_scale(layer, param, loaded, shard_id)
 
         layer.weight.weight_loader = weight_loader
         layer.weight_scale_inv.weight_loader = scale_loader
-        layer.quant_method = self
 
     def load_scale(self, layer: LinearBase, param: nn.Parameter, loaded: Loaded, shard_id) -> None:
         """This rank's block scales of a checkpoint's weight_scale_inv: the weight's sharding in units of
@@ -136,31 +143,3 @@ class Fp8LinearMethod:
         q, scale = reference_fp8.quantize_weight(w, self.config.block_n, self.config.block_k)
         layer.weight.data.copy_(q)
         layer.weight_scale_inv.data.copy_(scale)
-
-
-def checkpoint_names(model: nn.Module, name: str) -> list[str]:
-    """The checkpoint module names behind model module `name`: its packed projections' names for
-    a packed layer (model.layers.0.self_attn.q_proj, k_proj, v_proj for ...qkv_proj), else itself."""
-    parent, _, last = name.rpartition(".")
-    packed = [ckpt for ckpt, (param, _) in getattr(model, "packed_modules_mapping", {}).items() if param == last]
-    return [f"{parent}.{ckpt}" if parent else ckpt for ckpt in packed] or [name]
-
-
-def convert_linears(model: nn.Module, method: Fp8LinearMethod) -> int:
-    """Give every LinearBase of model that the config does not skip block-FP8 parameters; returns
-    how many were converted. A packed layer of which some projections are skipped and some not
-    raises ValueError (one matrix holds them all)."""
-    converted = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, LinearBase):
-            continue
-        names = checkpoint_names(model, name)
-        skipped = [method.config.is_skipped(n) for n in names]
-        if all(skipped):
-            continue
-        if any(skipped):
-            raise ValueError(f"quantization_config.modules_to_not_convert names some but not all of {names}, "
-                             f"which the model packs into one matrix {name!r}")
-        method.create_weights(module, name)
-        converted += 1
-    return converted
