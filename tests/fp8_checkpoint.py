@@ -1,7 +1,7 @@
 """Tiny block-FP8 checkpoints in the published format (Qwen/Qwen3-*-FP8), and their dequantized
 twins for transformers as the oracle.
 
-The FP8 checkpoint holds each quantized linear's `weight` as float8_e4m3fn and
+The FP8 checkpoint holds each quantized linear's (and MoE expert projection's) `weight` as float8_e4m3fn and
 `weight_scale_inv` as bfloat16, one scale per 128 x 128 block, in two safetensors shards with an
 index, and config.json carries the quantization_config; the other tensors are kept as they are.
 The dequantized twin holds weight * scale in float32 in place of each pair, so transformers'
@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from myvllm.kernels.reference_fp8 import dequantize_weight, quantize_weight
 
 BLOCK = 128
-QUANTIZED = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+QUANTIZED = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)\.weight$")
 # Shapes whose packed projections are whole blocks (q 256, k = v 128, gate = up 256) and whose
 # hidden size 192 ends in a ragged block (o_proj and down_proj rows, the columns of the others).
 FP8_SHAPES = dict(num_layers=2, hidden=192, heads=2, kv_heads=1, head_dim=128, intermediate=256)
@@ -81,13 +82,13 @@ def write_fp8_checkpoint(src: str, dst: str, tensors: dict[str, torch.Tensor], q
     return dst
 
 
-def build_fp8_pair(src: str, fp8_dir: str, dequant_dir: str) -> dict[str, torch.Tensor]:
-    """From the unquantized checkpoint src: the FP8 checkpoint and its dequantized twin; returns
-    the FP8 checkpoint's tensors."""
+def build_fp8_pair(src: str, fp8_dir: str, dequant_dir: str, qc: dict = QUANT_CONFIG) -> dict[str, torch.Tensor]:
+    """From the unquantized checkpoint src: the FP8 checkpoint (quantization_config qc) and its
+    dequantized twin; returns the FP8 checkpoint's tensors."""
     state = load_file(os.path.join(src, "model.safetensors"))
-    skipped = tuple(QUANT_CONFIG["modules_to_not_convert"])
+    skipped = tuple(qc["modules_to_not_convert"])
     fp8, dequant = quantize_state(state, skipped)
-    write_fp8_checkpoint(src, fp8_dir, fp8)
+    write_fp8_checkpoint(src, fp8_dir, fp8, qc)
     copy_dir_without_weights(src, dequant_dir)
     save_file(dequant, os.path.join(dequant_dir, "model.safetensors"))
     return fp8

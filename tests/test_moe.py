@@ -24,18 +24,20 @@ NUM_EXPERTS, TOP_K = 8, 2
 
 def build_moe_checkpoint(path: str, *, norm_topk_prob: bool = True, num_layers: int = 3,
                          mlp_only_layers: tuple[int, ...] = (1,), decoder_sparse_step: int = 1,
-                         num_experts: int = NUM_EXPERTS, top_k: int = TOP_K, seed: int = 0) -> str:
-    """A random Qwen3-MoE checkpoint (8 experts, top-2, layer 1 dense by default) with its tokenizer."""
+                         num_experts: int = NUM_EXPERTS, top_k: int = TOP_K, seed: int = 0, **shapes) -> str:
+    """A random Qwen3-MoE checkpoint (8 experts, top-2, layer 1 dense by default) with its tokenizer;
+    shapes: Qwen3MoeConfig fields replacing the tiny defaults (hidden_size=64, ...)."""
     from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     os.makedirs(path, exist_ok=True)
     tokenizer = build_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    dims = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32) | shapes
     config = Qwen3MoeConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob,
+        vocab_size=512, num_hidden_layers=num_layers, **dims, num_experts=num_experts,
+        num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob,
         decoder_sparse_step=decoder_sparse_step, mlp_only_layers=list(mlp_only_layers),
         max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
         bos_token_id=bos, eos_token_id=eos, initializer_range=0.2, architectures=["Qwen3MoeForCausalLM"],
@@ -412,21 +414,3 @@ def test_bench_takes_builtin_shapes_by_name(monkeypatch):
         bench.main(["--model", "dummy:qwen3-30b-a3b", "--device", "cpu", "--num-seqs", "1", "-tp", "2"])
     assert seen["model"] == "dummy:qwen3-30b-a3b" and seen["load_format"] == "dummy"
     assert seen["skip_tokenizer_init"] and seen["tensor_parallel_size"] == 2
-
-
-def test_fp8_moe_is_refused(moe_dir, tmp_path):
-    """Block-FP8 experts do not exist yet: an FP8 MoE checkpoint, or quantization='fp8' with dummy
-    weights, fails at start instead of running the experts unquantized."""
-    import json
-
-    with pytest.raises(ValueError, match="fp8.*Qwen3MoeForCausalLM.*experts"):
-        LLM(moe_dir, load_format="dummy", quantization="fp8", **SMALL_KV)
-    path = shutil.copytree(moe_dir, tmp_path / "m")
-    with open(path / "config.json") as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
-    with open(path / "config.json", "w") as f:
-        json.dump(cfg, f)
-    with pytest.raises(ValueError, match="fp8.*Qwen3MoeForCausalLM.*experts"):
-        LLM(str(path), **SMALL_KV)
