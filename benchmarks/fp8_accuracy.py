@@ -1,4 +1,5 @@
-"""Block-FP8 against bf16 on the same random weights: mean |logprob error| of sampled tokens.
+"""Block-FP8 against bf16 on the same random weights: mean |logprob error| of sampled tokens
+(dense and MoE shape sets: qwen3-30b-a3b quantizes its experts too).
 
 For each built-in shape set: the bf16 dummy model samples continuations of random prompts
 (temperature 1); then prompt + continuation is scored (prompt_logprobs) by the bf16 model
@@ -48,17 +49,23 @@ def score(llm: LLM, sequences: list[list[int]], prompt_len: int) -> torch.Tensor
 
 @torch.no_grad()
 def load_weights(llm: LLM, state: dict[str, torch.Tensor]) -> None:
-    """Copy the bf16 state into llm's model; a block-FP8 layer gets the state's weight quantized."""
+    """Copy the bf16 state into llm's model; a block-FP8 layer gets the state's weights quantized
+    (`weight` of a linear layer, `w13_weight` and `w2_weight` of an MoE layer's experts)."""
     model = llm.engine.runner.model
     params = dict(model.named_parameters())
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
-        if method is not None:
-            w = state.pop(f"{name}.weight").to(module.weight.device, torch.float32)
-            q, scale = quantize_weight(w, method.config.block_n, method.config.block_k)
-            module.weight.copy_(q)
-            module.weight_scale_inv.copy_(scale)
-            del params[f"{name}.weight"], params[f"{name}.weight_scale_inv"]
+        if method is None:
+            continue
+        for scale_name, scale in list(module.named_parameters(prefix=name, recurse=False)):
+            if not scale_name.endswith("weight_scale_inv"):
+                continue
+            weight_name = scale_name.removesuffix("_scale_inv")
+            w = state.pop(weight_name).to(scale.device, torch.float32)
+            q, s = quantize_weight(w, method.config.block_n, method.config.block_k)
+            params.pop(weight_name).copy_(q)
+            params.pop(scale_name).copy_(s)
+            del w, q, s
     if set(params) != set(state):
         raise ValueError(f"parameters differ: {sorted(set(params) ^ set(state))[:10]}")
     for name, param in params.items():

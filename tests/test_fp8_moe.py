@@ -228,6 +228,13 @@ def test_dummy_fp8_experts(dirs):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
+def test_cpu_path_runs_without_triton(dirs):
+    from test_basics import NO_TRITON_SCRIPT, run_python
+
+    proc = run_python(["-c", NO_TRITON_SCRIPT, dirs["fp8"]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.gpu
 def test_gpu_graphs_match_eager(dirs, reference):
     """The Triton FP8 fused MoE in the engine: the same tokens replayed from CUDA graphs as eager."""
