@@ -215,6 +215,45 @@ def test_expert_shards_off_the_block_grid_are_refused(inter, size):
         rank_experts(0, size, inter)
 
 
+def build_on_meta(name: str, tp_size: int):
+    """The built-in shape set `name` in block-FP8, rank 0 of tp_size, built on the meta device
+    (shapes and dtypes only, no memory)."""
+    from myvllm.attention.torch_backend import TorchAttentionBackend
+    from myvllm.config import ModelConfig
+    from myvllm.kernels.fused_ops import FusedOps
+    from myvllm.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    cfg = ModelConfig.builtin(name).with_quantization("fp8", "dummy")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            return cfg, Qwen3MoeForCausalLM(cfg, 4096, TorchAttentionBackend(), FusedOps(False, "cpu"),
+                                            TensorParallelGroup(0, tp_size))
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("name, tp_size", [("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 2), ("qwen3-235b-a22b", 4)])
+def test_published_shapes_are_built_in_fp8(name, tp_size):
+    """Every projection and expert of the decoder is created in fp8 (no unquantized copy is ever
+    made): the bf16 parameters are the embeddings, LM head, norms and routers only."""
+    cfg, model = build_on_meta(name, tp_size)
+    by_dtype: dict[torch.dtype, int] = {}
+    for n, p in model.named_parameters():
+        by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
+        if p.dtype == torch.bfloat16:
+            assert n.endswith(("norm.weight", "mlp.gate.weight")) or n.startswith(("model.embed_tokens", "lm_head")), n
+    h, i, e = cfg.hidden_size, cfg.moe_intermediate_size // tp_size, cfg.num_experts
+    experts = cfg.num_hidden_layers * e * 3 * h * i
+    assert experts < by_dtype[FP8] < experts * 1.1  # the experts, plus the attention projections
+
+
+def test_off_grid_expert_shards_of_a_published_model_are_refused():
+    with pytest.raises(ValueError, match=r"experts: moe_intermediate_size per rank 192.*tensor_parallel_size=4"):
+        build_on_meta("qwen3-30b-a3b", 4)
+
+
 def test_dummy_fp8_experts(dirs):
     llm = LLM(dirs["src"], quantization="fp8", load_format="dummy", **SMALL_KV)
     experts = experts_of(llm)

@@ -16,7 +16,7 @@ dim may end in a ragged block. A layer whose shapes break this raises ValueError
 The GEMM is kernels/triton_fp8_gemm.py on GPUs with fp8 tensor cores (activations quantized per
 token group of block_k on the fly); elsewhere the weight is dequantized to the activations'
 dtype at each call and multiplied with torch (kernels/reference_fp8.py). The fused norm +
-projection kernels take unquantized weights only: a converted layer runs the norm, then this
+projection kernels take unquantized weights only: a quantized layer runs the norm, then this
 GEMM (layers/linear.py), as logged once when the method is built.
 
 The stacked expert weights of an MoE layer have their own method (fp8_moe.py).
