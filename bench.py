@@ -6,6 +6,7 @@
     python bench.py --model ./huggingface/Qwen3-0.6B --json out.json
     python bench.py --dummy --quantization fp8  # random block-FP8 weights, Qwen3-0.6B shapes
     python bench.py --model dummy:qwen3-8b --quantization fp8  # another built-in shape set
+    python bench.py --model dummy:qwen3-30b-a3b --quantization fp8  # block-FP8 experts too
 
 The workload: random.seed(seed); num_seqs prompts of randint(100, max_input_len) token ids
 drawn from randint(0, 10000) (capped at the model's largest token id); then num_seqs
