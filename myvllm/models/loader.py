@@ -8,7 +8,9 @@ filled slice by slice through each parameter's `weight_loader`. A block-FP8 laye
 them their loaders), so a missing or mis-shaped scale fails the same way; with an index file,
 the tensors the files hold must be the ones its weight_map lists.
 The stacked experts of an MoE layer are filled the same way, one checkpoint tensor per expert
-and projection (`expert_params_mapping`).
+and projection (`expert_params_mapping`); block-FP8 experts' `*.weight_scale_inv` tensors map
+to their stacked scales (`w13_weight_scale_inv`, `w2_weight_scale_inv`) through the same
+entries (layers/quantization/fp8_moe.py gives those their loaders).
 
 Checkpoint tensors reach the weight loaders as `CheckpointTensor`s
 (models/weight_utils.py), which read from the file only what is asked for: a
