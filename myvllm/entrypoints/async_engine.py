@@ -48,12 +48,15 @@ class RequestStream:
     """The outputs of one request, as an async iterator that ends after the finished one.
 
     Leaving the iteration early (break, cancellation, an exception) or calling abort()
-    aborts the request on the engine thread, which frees its KV blocks.
+    aborts the request on the engine thread, which frees its KV blocks. An observer (the
+    server's metrics) sees every output as it is handed out.
     """
 
-    def __init__(self, request_id: str, owner: AsyncLLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request_id: str, owner: AsyncLLMEngine, loop: asyncio.AbstractEventLoop,
+                 observer: Callable[[RequestOutput], None] | None = None) -> None:
         self.request_id = request_id
         self.loop = loop
+        self.observer = observer
         self._owner = owner
         self._latest: RequestOutput | None = None
         self._error: BaseException | None = None
@@ -87,6 +90,8 @@ class RequestStream:
                 if self._error is None:
                     self._event.clear()
                 self._finished = out.finished
+                if self.observer is not None:
+                    self.observer(out)
                 return out
             if self._error is not None:
                 raise self._error
@@ -217,16 +222,18 @@ class AsyncLLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     async def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                          request_id: str | None = None, stream: bool = True) -> RequestStream:
+                          request_id: str | None = None, stream: bool = True,
+                          observer: Callable[[RequestOutput], None] | None = None) -> RequestStream:
         """Queue a request on the engine; returns its stream of outputs.
 
         Raises what LLMEngine.add_request raises (ValueError, TypeError) for a bad request,
         and EngineOverloaded when the waiting queue is full. With stream=False only the
-        finished output is delivered.
+        finished output is delivered. observer(output) runs on the loop for every output
+        the stream hands out.
         """
         loop = asyncio.get_running_loop()
         request_id = uuid.uuid4().hex if request_id is None else request_id
-        handle = RequestStream(request_id, self, loop)
+        handle = RequestStream(request_id, self, loop, observer)
         bound = self.max_waiting_requests
 
         def add(engine: LLMEngine) -> RequestStream:
