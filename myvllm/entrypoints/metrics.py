@@ -92,12 +92,14 @@ class RequestMetrics:
         if new > 0:
             now = time.perf_counter()
             m = self.metrics
-            if self.last is None:
-                if self.streamed:
+            if self.streamed:
+                if self.last is None:
                     m.ttft.observe(now - self.start)
-            elif self.streamed:
-                gap = (now - self.last) / new  # the tokens of one multi-step window arrive together
-                for _ in range(new):
+                    new -= 1
+                    gap = 0.0  # tokens that come with the first one reach the client with it
+                else:  # the tokens of one multi-step window arrive together: the gap is shared
+                    gap = (now - self.last) / new
+                for _ in range(new):  # one interval per token after the first
                     m.itl.observe(gap)
             self.last = now
             self.num_tokens = num
