@@ -323,15 +323,19 @@ class _Server:
                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if prompt_lps is not None:
                     choice["prompt_logprobs"] = prompt_lps
+                if req.return_token_ids:
+                    choice["token_ids"] = c.token_ids
+                    choice["prompt_token_ids"] = out.prompt_token_ids
                 choices.append(choice)
         return JSONResponse({"id": rid, "object": "text_completion", "created": now(), "model": self.model_name,
                              "choices": choices, "usage": usage(num_prompt, num_out)})
 
     async def _completion_events(self, req: CompletionRequest, params: SamplingParams, rid: str,
                                  streams: list[RequestStream]) -> AsyncIterator[str]:
-        """The chunks as JSON text: one per choice per engine output that brings it text (every
-        token an engine step made, a whole multi-step window, goes in one chunk). The part that
-        is the same in every chunk is serialized once."""
+        """The chunks as JSON text: one per choice per engine output that brings it tokens (every
+        token an engine step made, a whole multi-step window, goes in one chunk; its text may be
+        empty while a character or a possible stop string is incomplete). The part that is the
+        same in every chunk is serialized once."""
         created = now()
         head = (f'{{"id": "{rid}", "object": "text_completion", "created": {created}, "model": {self.model_json}, '
                 f'"choices": [{{"index": ')
@@ -341,10 +345,11 @@ class _Server:
         dumps = json.dumps
         async for i, out in _merged(streams):
             for c in out.outputs:
-                step = deltas[i][c.index].advance(c)
+                step = deltas[i][c.index].advance(c, on_tokens=True)
                 if step is None:
                     continue
                 text, tokens, entries, finish = step
+                ids = f'"token_ids": {dumps(tokens)}, ' if req.return_token_ids else ""
                 lps = "null"
                 if params.logprobs is not None and entries is not None:
                     lps = dumps(completion_logprobs(tokens, entries, params.logprobs, offsets[i][c.index]),
@@ -352,7 +357,7 @@ class _Server:
                 offsets[i][c.index] += len(text)
                 tail = (f'"finish_reason": {dumps(finish)}, "stop_reason": {dumps(c.stop_reason)}' if finish
                         else '"finish_reason": null')
-                yield (f'{head}{i * params.n + c.index}, "text": {dumps(text, ensure_ascii=False)}, '
+                yield (f'{head}{i * params.n + c.index}, "text": {dumps(text, ensure_ascii=False)}, {ids}'
                        f'"logprobs": {lps}, {tail}}}]}}')
             if out.finished:
                 counts[0] += len(out.prompt_token_ids)

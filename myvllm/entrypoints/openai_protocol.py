@@ -96,6 +96,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # extension, as in vLLM
     echo: bool = False
+    return_token_ids: bool = False  # extension, as in vLLM: choices carry token_ids (and prompt_token_ids)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -408,8 +409,10 @@ class ChoiceDelta:
         stops = params.stop_list
         self.holdback = max(len(s) for s in stops) - 1 if stops and not params.include_stop_str_in_output else 0
 
-    def advance(self, c: CompletionOutput) -> tuple[str, list[int], list | None, str | None] | None:
-        """(text, token ids, logprob entries, finish_reason) new since the last call, or None."""
+    def advance(self, c: CompletionOutput, on_tokens: bool = False) -> tuple[str, list[int], list | None,
+                                                                             str | None] | None:
+        """(text, token ids, logprob entries, finish_reason) new since the last call, or None
+        when nothing is new: no text (with on_tokens: no tokens either) and no finish."""
         if self.finished:
             return None
         finish = c.finish_reason
@@ -418,7 +421,8 @@ class ChoiceDelta:
         delta = text[self.num_chars:end]
         tokens = c.token_ids[self.num_tokens:]
         entries = c.logprobs[self.num_tokens:len(c.token_ids)] if c.logprobs is not None else None
-        if not delta and finish is None and not (entries and c.logprobs is not None):
+        if not delta and finish is None and not (entries and c.logprobs is not None) \
+                and not (on_tokens and tokens):
             return None
         self.num_chars = end
         self.num_tokens = len(c.token_ids)
