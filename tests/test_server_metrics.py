@@ -135,3 +135,31 @@ def test_registries_are_per_server(tiny_model_dir):
                         if s.name == "vllm:prompt_tokens_total")
 
         assert prompt_tokens(a) == 3 and prompt_tokens(b) == 0
+
+
+def test_weighted_histogram_equals_prometheus_histogram_observed_n_times():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from myvllm.entrypoints.metrics import ITL_BUCKETS, WeightedHistogram
+
+    ours_reg, ref_reg = CollectorRegistry(), CollectorRegistry()
+    ours = WeightedHistogram("h", "doc", "m", ITL_BUCKETS)
+    ours_reg.register(ours)
+    ref = Histogram("h", "doc", ["model_name"], buckets=ITL_BUCKETS, registry=ref_reg).labels("m")
+    rng = random.Random(3)
+    for _ in range(200):
+        value, n = rng.choice([*ITL_BUCKETS, rng.uniform(0, 100)]), rng.randint(1, 8)  # bounds included
+        ours.observe(value, n)
+        for _ in range(n):
+            ref.observe(value)
+
+    def samples(reg) -> dict:
+        text = generate_latest(reg).decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in parser.text_string_to_metric_families(text) for s in f.samples
+                if not s.name.endswith("_created")}
+
+    got, want = samples(ours_reg), samples(ref_reg)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key]), key

@@ -13,12 +13,13 @@ Each server owns a CollectorRegistry (no process-global state). Two kinds of met
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from myvllm.outputs import RequestOutput
@@ -44,9 +45,9 @@ class ServerMetrics:
         reg = self.registry
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token, in seconds (streamed "
                               "requests).", labels, buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between successive output tokens, in "
-                             "seconds (streamed requests).", labels, buckets=ITL_BUCKETS,
-                             registry=reg).labels(model_name)
+        self.itl = WeightedHistogram("vllm:inter_token_latency_seconds", "Time between successive output "
+                                     "tokens, in seconds (streamed requests).", model_name, ITL_BUCKETS)
+        reg.register(self.itl)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency, in seconds.", labels,
                              buckets=E2E_BUCKETS, registry=reg).labels(model_name)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", labels,
@@ -99,8 +100,7 @@ class RequestMetrics:
                     gap = 0.0  # tokens that come with the first one reach the client with it
                 else:  # the tokens of one multi-step window arrive together: the gap is shared
                     gap = (now - self.last) / new
-                for _ in range(new):  # one interval per token after the first
-                    m.itl.observe(gap)
+                m.itl.observe(gap, new)  # one interval per token after the first
             self.last = now
             self.num_tokens = num
         if out.finished:
@@ -110,6 +110,33 @@ class RequestMetrics:
             m.generation_tokens.inc(num)
             for c in out.outputs:
                 m.finished(c.finish_reason or "abort")
+
+
+class WeightedHistogram(Collector):
+    """A histogram that takes n equal observations in one call (the tokens of one chunk share
+    their gap), exposed as a Prometheus histogram. Written and collected on the event loop."""
+
+    def __init__(self, name: str, doc: str, model_name: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.model_name = name, doc, model_name
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bucket
+        self.sum = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += n
+        self.sum += value * n
+
+    def describe(self) -> Iterator:
+        return iter(())
+
+    def collect(self) -> Iterator:
+        h = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        cumulative, total = [], 0
+        for bound, count in zip((*map(str, self.buckets), "+Inf"), self.counts):
+            total += count
+            cumulative.append((bound, total))
+        h.add_metric([self.model_name], cumulative, self.sum)
+        yield h
 
 
 class _EngineCollector(Collector):
