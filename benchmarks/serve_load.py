@@ -120,10 +120,10 @@ async def one_request(http: aiohttp.ClientSession, url: str, model: str, req: Re
                 if event.get("usage"):
                     res.num_tokens = event["usage"]["completion_tokens"]
                 for choice in event.get("choices") or ():
-                    n = len(choice.get("token_ids") or ())
-                    if n:
+                    ids = choice.get("token_ids")
+                    if ids or (ids is None and choice.get("text")):  # a server without return_token_ids
                         res.chunk_times.append(now)
-                        res.chunk_tokens.append(n)
+                        res.chunk_tokens.append(len(ids) if ids is not None else 0)
     except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"
         return res
@@ -131,6 +131,9 @@ async def one_request(http: aiohttp.ClientSession, url: str, model: str, req: Re
     if not res.chunk_times:
         res.error = "no chunk carried tokens"
         return res
+    if 0 in res.chunk_tokens:  # chunks without token ids: the usage's tokens spread evenly over them
+        per, extra = divmod(res.num_tokens, len(res.chunk_tokens))
+        res.chunk_tokens = [per + (i < extra) for i in range(len(res.chunk_tokens))]
     res.ttft = res.chunk_times[0] - res.start
     res.ok = True
     return res
@@ -217,7 +220,8 @@ def print_report(rep: dict) -> None:
           f"{rep['tokens_per_chunk_mean']:.2f} tokens per chunk")
     if "offline_tok_per_s" in rep:
         print(f"offline LLM.generate: {rep['offline_tok_per_s']:.1f} output tok/s in {rep['offline_s']:.2f} s; "
-              f"server / offline = {rep['server_over_offline']:.3f}")
+              f"server / offline = {rep['server_over_offline']:.3f}"
+              + ("" if rep["mode"] == "burst" else " (a Poisson run is paced by its rate: compare bursts)"))
     print(f"{'ms':<10}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}")
     for name in ("ttft", "itl", "chunk_gap", "tpot", "e2e"):
         row = rep[f"{name}_ms"]
