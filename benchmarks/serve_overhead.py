@@ -2,12 +2,15 @@
 a fixed time, against the same stand-in stepped offline (as LLM.generate steps the real one).
 
 The stand-in (`StandInEngine`) does what LLMEngine does around the model: every step gives each
-running request a window of tokens (a multi-step decode), spends --host-ms of Python holding
-the GIL (scheduling and launches) and --device-ms sleeping with the GIL released (the device
-working), and builds the same outputs (incremental detokenization with the real tokenizer for
-streamed requests, one decode when a request finishes). Offline it runs at exactly
-window x batch / (host + device) tokens per second, so the ratio shows what the server adds:
-the event loop's work per chunk competing for the GIL, and the per-step outputs of streams.
+running request a window of tokens (a multi-step decode) after --host-ms of Python holding the
+GIL (scheduling and launches) and a wait, GIL released, for the device, which takes --device-ms
+per window and overlaps the next step's host work (as async scheduling does); it builds the
+same outputs (the finished requests', decoded once). Offline it runs at
+window x batch / max(host, device) tokens per second; the ratio shows what the server adds:
+the event loop's work per request and per chunk competing for the GIL with the host work, and
+the streams' progress read after every step. Set --host-ms and --device-ms to a real engine's
+(a profile of bench.py) to see whether its host work, stretched by the server's, passes the
+device's.
 
     python benchmarks/serve_overhead.py --tokenizer ./huggingface/Qwen3-0.6B   # any HF tokenizer dir
     python benchmarks/serve_overhead.py --tokenizer DIR --num-requests 256 --output-len 256 --json out.json
@@ -35,13 +38,25 @@ from myvllm.runtime.sequence import StopState  # noqa: E402
 
 
 class _Request:
-    __slots__ = ("request_id", "prompt_ids", "out_ids", "max_tokens", "stream", "state", "skip_special")
+    """One request of one sequence, with the fields of LLMEngine's RequestState and Sequence that
+    the async engine reads."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], max_tokens: int, stream: bool, skip: bool) -> None:
-        self.request_id, self.prompt_ids, self.max_tokens, self.stream = request_id, prompt_ids, max_tokens, stream
+    def __init__(self, request_id: str, prompt_ids: list[int], params, stream: bool) -> None:
+        self.request_id, self.prompt_ids, self.stream = request_id, prompt_ids, stream
+        self.params, self.max_tokens, self.skip_special = params, params.max_tokens, params.skip_special_tokens
         self.out_ids: list[int] = []
         self.state = StopState()
-        self.skip_special = skip
+        # RequestState / Sequence
+        self.prompt, self.prompt_token_ids, self.seqs = None, prompt_ids, [self]
+        self.index, self.logprobs, self.is_finished, self.output_text = 0, None, False, None
+        self.finish_reason = self.stop_reason = None
+        self.num_prompt_tokens, self.num_cached_prompt_tokens = len(prompt_ids), 0
+
+        self.token_ids = list(prompt_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 class StandInEngine:
@@ -61,10 +76,11 @@ class StandInEngine:
         self.waiting: list[_Request] = []
         self.running: list[_Request] = []
         self.requests: dict[str, _Request] = {}
+        self.device_done = 0.0  # when the device finishes the window launched last
 
     def add_request(self, prompt, params, request_id: str, stream: bool = False) -> str:
         ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else self.tokenizer.encode(prompt)
-        req = _Request(request_id, list(ids), params.max_tokens, stream, params.skip_special_tokens)
+        req = _Request(request_id, list(ids), params, stream)
         self.requests[request_id] = req
         self.waiting.append(req)
         return request_id
@@ -96,11 +112,20 @@ class StandInEngine:
         end = time.perf_counter() + self.host_s
         while time.perf_counter() < end:  # the host's Python work of a step, holding the GIL
             pass
-        time.sleep(self.device_s)  # the device's, with the GIL released
+        # The window just launched runs on the device after the one before it; the step waits
+        # (GIL released) for the one before, whose tokens it then applies: host work overlaps the
+        # device's as with async scheduling, and a step takes max(host, device) time.
+        launch = time.perf_counter()
+        previous_done = self.device_done
+        self.device_done = max(previous_done, launch) + self.device_s
+        if previous_done > launch:
+            time.sleep(previous_done - launch)
         outputs, still = [], []
         for req in self.running:
             n = min(self.window, req.max_tokens - len(req.out_ids))
-            req.out_ids.extend(self.rng.randrange(self.vocab) for _ in range(n))
+            new = [self.rng.randrange(self.vocab) for _ in range(n)]
+            req.out_ids += new
+            req.token_ids += new
             done = len(req.out_ids) >= req.max_tokens
             if done:
                 del self.requests[req.request_id]
