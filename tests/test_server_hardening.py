@@ -253,8 +253,10 @@ def test_slow_body_gets_408(served):
         sock.sendall(_request_head(200) + b'{"model": "tiny", ')
         reply = _read_response(sock)
         elapsed = time.monotonic() - start
+        closed = sock.recv(4096) == b""  # the connection is closed after the 408
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert BODY_TIMEOUT * 0.9 <= elapsed < BODY_TIMEOUT + 4, elapsed
+    assert closed
 
 
 def test_idle_keep_alive_connection_is_closed(served):

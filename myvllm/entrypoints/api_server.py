@@ -164,6 +164,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 408:  # the rest of a slow body is not waited for
+            headers = {"Connection": "close"}
         return JSONResponse(exc.body(), exc.status, headers=headers)
 
     @app.exception_handler(ClientDisconnect)
