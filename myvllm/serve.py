@@ -9,12 +9,17 @@ underscores (`--max-model-len 2048`, `--enforce-eager`, `--no-enable-prefix-cach
 flags left out keep the engine's defaults. The server binds 127.0.0.1 unless --host
 says otherwise. With --api-key (or MYVLLM_API_KEY in the environment) every /v1
 request needs `Authorization: Bearer <key>`.
+
+Slow clients: a request body must arrive within --body-read-timeout seconds (else 408), and an
+idle keep-alive connection is closed after --timeout-keep-alive seconds (uvicorn's option);
+request headers are bounded by uvicorn's h11 limit (16 KiB).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -78,6 +83,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     parser.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
                         help='JSON object passed to every chat template, e.g. \'{"enable_thinking": false}\'; '
                              "a request's chat_template_kwargs win")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="let chat requests bring their own chat template (chat_template); it renders on the "
+                             "engine thread, so only for trusted clients (default: refused with 400)")
+    parser.add_argument("--body-read-timeout", type=float, default=30.0,
+                        help="seconds a request body may take to arrive; slower gets HTTP 408 (default: 30)")
+    parser.add_argument("--timeout-keep-alive", type=int, default=5,
+                        help="seconds an idle keep-alive connection stays open (uvicorn's; default: 5)")
+    parser.add_argument("--disable-metrics", action="store_true", help="serve no /metrics")
     return parser, _engine_flags(parser)
 
 
@@ -101,6 +114,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
         parser.error("--max-body-bytes must be >= 1")
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
         parser.error("--enable-auto-tool-choice and --tool-call-parser go together")
+    if args.body_read_timeout <= 0 or args.timeout_keep_alive < 1:
+        parser.error("--body-read-timeout must be > 0 and --timeout-keep-alive >= 1")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be in [0, 65535]")
     engine_args = {name: getattr(args, name) for name in engine_names if hasattr(args, name)}
@@ -124,11 +139,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                     reasoning_parser=args.reasoning_parser,
                     default_chat_template_kwargs=args.default_chat_template_kwargs,
-                    tool_call_parser=args.tool_call_parser)
+                    tool_call_parser=args.tool_call_parser,
+                    trust_request_chat_template=args.trust_request_chat_template,
+                    body_read_timeout=args.body_read_timeout, enable_metrics=not args.disable_metrics)
+    # Everything made so far (the model, the tokenizer, the app) lives as long as the process:
+    # frozen, the cyclic collector never walks it again, so a collection set off by the requests'
+    # short-lived objects stays short instead of stalling the loop and the engine thread.
+    gc.collect()
+    gc.freeze()
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("serving %r at http://%s:%d/v1 (API key %s)", name, host, args.port,
                 "required" if api_key else "not required")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                timeout_keep_alive=args.timeout_keep_alive)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 from engine_utils import SMALL_KV
+from server_process import engine_flags, running_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -27,7 +24,6 @@ httpx = pytest.importorskip("httpx")
 
 from myvllm import LLM, SamplingParams  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_KEY = "test-key-123"
 NAME = "tiny-qwen3"
 ENGINE = dict(kvcache_block_size=16, max_model_len=1024, max_num_seqs=8, enforce_eager=True, **SMALL_KV)
@@ -39,55 +35,14 @@ MESSAGES = [[{"role": "user", "content": "tell me about the weather"}],
             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "red green blue"}]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _flags(engine_args: dict) -> list[str]:
-    out = []
-    for k, v in engine_args.items():
-        flag = "--" + k.replace("_", "-")
-        out += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
-    return out
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """Base URL of a running server; its log is printed if it fails to start."""
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "MYVLLM_API_KEY": API_KEY,
-           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "myvllm.serve", "--model", tiny_model_dir, "--served-model-name", NAME,
-           "--port", str(port), "--max-waiting-requests", str(MAX_WAITING), "--max-body-bytes", str(MAX_BODY),
-           *_flags(ENGINE)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not come up:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.2)
+    flags = ["--served-model-name", NAME, "--max-waiting-requests", str(MAX_WAITING), "--max-body-bytes",
+             str(MAX_BODY), *engine_flags(ENGINE)]
+    with running_server(tiny_model_dir, log_path, flags, {"MYVLLM_API_KEY": API_KEY}) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
 
 
 @pytest.fixture(scope="module")

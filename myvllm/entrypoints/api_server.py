@@ -2,6 +2,7 @@
 
 Routes:
     GET  /health               200 while the engine thread runs, else 503 (no API key needed)
+    GET  /metrics              Prometheus metrics under vLLM's names (entrypoints/metrics.py; no API key)
     GET  /v1/models            the served model
     POST /v1/completions       text completion; `stream: true` sends server-sent events
     POST /v1/chat/completions  chat completion through the tokenizer's chat template
@@ -11,8 +12,13 @@ Routes:
 
 Every error is {"error": {"message", "type", "param", "code"}}: 400 for a bad request
 (the field in `param`), 401 for a missing or wrong API key, 404 for an unknown model or
-route, 413 for a body over the size limit, 503 when the waiting queue is full.
+route, 408 for a body that does not arrive in time, 413 for a body over the size limit, 415
+for a body not sent as application/json, 503 when the waiting queue is full.
 A streamed request is aborted (its KV blocks freed) as soon as its client goes away.
+
+Text in a body must be valid Unicode (no lone UTF-16 surrogates, which JSON's \\u escapes can
+carry). A chat template in the request (`chat_template`, or `chat_template_kwargs.chat_template`)
+renders on the engine thread, so it is refused unless the server trusts request templates.
 
 Sampling fields the client leaves out (or sends as null) take the defaults of the model's
 generation_config.json (the engine's `generation_config` argument), as in vLLM; max_new_tokens
@@ -33,6 +39,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from myvllm.entrypoints.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
 from myvllm.entrypoints.openai_protocol import (
@@ -61,9 +68,14 @@ from myvllm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_BODY_READ_TIMEOUT = 30.0  # seconds for a whole request body to arrive
 CLIENT_CLOSED = 499  # logged for a request whose client left before the answer
 _STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
                  413: "invalid_request_error", 503: "overloaded_error"}
+# chat_template_kwargs keys that are apply_chat_template's own arguments, not template variables
+_RESERVED_TEMPLATE_KWARGS = ("conversation", "tokenize", "add_generation_prompt", "continue_final_message",
+                             "return_dict", "return_tensors", "return_assistant_tokens_mask", "tokenizer_kwargs",
+                             "padding", "truncation", "max_length")
 # The request fields that give a SamplingParams field a value (chat has two for max_tokens);
 # a field not listed is given by the request field of its own name.
 _REQUEST_FIELDS = {"max_tokens": ("max_tokens", "max_completion_tokens")}
@@ -72,12 +84,16 @@ _REQUEST_FIELDS = {"max_tokens": ("max_tokens", "max_completion_tokens")}
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True,
               reasoning_parser: str | None = None, default_chat_template_kwargs: dict | None = None,
-              tool_call_parser: str | None = None) -> FastAPI:
+              tool_call_parser: str | None = None, trust_request_chat_template: bool = False,
+              body_read_timeout: float | None = DEFAULT_BODY_READ_TIMEOUT, enable_metrics: bool = True) -> FastAPI:
     """The FastAPI app. With manage_engine the app starts the engine thread at startup and
     stops it at shutdown; otherwise the caller does. reasoning_parser "qwen3" returns the text
     inside <think>...</think> as `reasoning_content`; default_chat_template_kwargs apply to every
     chat request (its own chat_template_kwargs win). tool_call_parser "hermes" turns on tools
-    (tool_choice "auto"): <tool_call> blocks in a reply become tool_calls."""
+    (tool_choice "auto"): <tool_call> blocks in a reply become tool_calls.
+    trust_request_chat_template lets requests bring their own chat template; a request body
+    must arrive within body_read_timeout seconds (None: no limit). enable_metrics serves
+    /metrics (it needs prometheus-client)."""
     if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
         raise ValueError(f"tool_call_parser={tool_call_parser!r} is not supported: choose one of "
                          f"{list(TOOL_CALL_PARSERS)}")
@@ -97,14 +113,30 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     app = FastAPI(title="my-vllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app)
+    metrics = None
+    if enable_metrics:
+        try:
+            from myvllm.entrypoints.metrics import ServerMetrics
+        except ImportError:
+            logger.info("prometheus-client is not installed: /metrics is off (pip install prometheus-client)")
+        else:
+            metrics = ServerMetrics(served_model_name)
     server = _Server(engine, served_model_name, max_body_bytes, reasoning_parser, default_chat_template_kwargs,
-                     tool_call_parser)
+                     tool_call_parser, trust_request_chat_template, body_read_timeout, metrics)
 
     @app.get("/health")
     async def health() -> JSONResponse:
         if engine.is_healthy:
             return JSONResponse({"status": "ok"})
         return JSONResponse(error_body("the engine is not running", "server_error", None, "engine_dead"), 503)
+
+    if metrics is not None:
+        @app.get("/metrics")
+        async def prometheus_metrics() -> Response:
+            from myvllm.entrypoints.metrics import CONTENT_TYPE
+
+            stats = await server._engine_call(engine.stats())
+            return Response(metrics.render(stats), media_type=CONTENT_TYPE)
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(api_key))])
     router.add_api_route("/models", server.models, methods=["GET"])
@@ -133,7 +165,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 408:  # the rest of a slow body is not waited for
+            headers = {"Connection": "close"}
         return JSONResponse(exc.body(), exc.status, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        logger.debug("the client of %s %s disconnected before its request was read", request.method,
+                     request.url.path)
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -146,22 +186,72 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error", None, None), 500)
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request body as JSON, refusing bodies over max_bytes (413) and bad JSON (400)."""
+async def read_json(request: Request, max_bytes: int, timeout: float | None = None) -> Any:
+    """The request body as JSON. Refuses a body not sent as application/json (415: a browser
+    page can post text/plain or forms to a local server without asking first), over max_bytes
+    (413) or not in within timeout seconds (408), bad JSON and text that is not valid Unicode
+    (400). A client that leaves mid-body raises starlette's ClientDisconnect."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"the request body must be sent with Content-Type: application/json, not "
+                            f"{media_type or 'none'!r}", "invalid_request_error", None, "unsupported_media_type")
     too_large = APIError(413, f"the request body is over {max_bytes} bytes", "invalid_request_error",
                          None, "request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
+
+    async def read() -> bytearray:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
+        return body
+
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        body = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", "invalid_request_error",
+                       None, "request_timeout") from None
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    # a lone surrogate comes from a \u escape or from UTF-8 bytes ED A0..BF (json passes those)
+    if b"\\u" in body or b"\xed" in body:
+        where = lone_surrogate_field(data)
+        if where is not None:
+            raise bad_request(f"{where or 'a key'} holds a lone UTF-16 surrogate: text must be valid Unicode",
+                              where or None, "invalid_value")
+    return data
+
+
+def lone_surrogate_field(data: Any) -> str | None:
+    """The dotted path of the first string (or the object holding the first key) in decoded
+    JSON that has a lone UTF-16 surrogate, "" for a top-level key; None if there is none."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not _is_unicode(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not key.isascii() and not _is_unicode(key):
+                    return path
+                stack.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> Any:
@@ -173,10 +263,15 @@ class _Server:
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, max_body_bytes: int,
                  reasoning_parser: str | None = None, default_chat_template_kwargs: dict | None = None,
-                 tool_call_parser: str | None = None) -> None:
+                 tool_call_parser: str | None = None, trust_request_chat_template: bool = False,
+                 body_read_timeout: float | None = None, metrics: Any = None) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.model_json = json.dumps(model_name, ensure_ascii=False)
         self.max_body_bytes = max_body_bytes
+        self.trust_request_chat_template = trust_request_chat_template
+        self.body_read_timeout = body_read_timeout
+        self.metrics = metrics  # a ServerMetrics, or None
         self.reasoning_parser = reasoning_parser
         self.default_chat_template_kwargs = dict(default_chat_template_kwargs or {})
         self.tool_call_parser = tool_call_parser
@@ -200,13 +295,17 @@ class _Server:
     # ---- completions -------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Any:
-        req: CompletionRequest = parse_request(CompletionRequest, await read_json(request, self.max_body_bytes))
+        req: CompletionRequest = parse_request(CompletionRequest, await self._read_json(request))
         self._check_model(req.model)
         req.check_unsupported()
         params = self._params(req)
         prompts = req.prompts()
+        bound = self.engine.max_waiting_requests
+        if bound is not None and len(prompts) > bound:  # could never be queued: not a "retry later"
+            raise bad_request(f"prompt: {len(prompts)} prompts in one request are more than the server queues "
+                              f"(--max-waiting-requests={bound}): send at most {bound}", "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self._add(prompts, params, rid, "prompt", False, req.stream)
+        streams = await self._add(prompts, params, rid, "prompt", req, req.stream)
         if req.stream:
             return _EventStream(self._completion_events(req, params, rid, streams), streams)
         finals = await _until_done_or_disconnect(request, _collect(streams))
@@ -227,47 +326,58 @@ class _Server:
                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if prompt_lps is not None:
                     choice["prompt_logprobs"] = prompt_lps
+                if req.return_token_ids:
+                    choice["token_ids"] = c.token_ids
+                    choice["prompt_token_ids"] = out.prompt_token_ids
                 choices.append(choice)
         return JSONResponse({"id": rid, "object": "text_completion", "created": now(), "model": self.model_name,
                              "choices": choices, "usage": usage(num_prompt, num_out)})
 
     async def _completion_events(self, req: CompletionRequest, params: SamplingParams, rid: str,
-                                 streams: list[RequestStream]) -> AsyncIterator[dict]:
+                                 streams: list[RequestStream]) -> AsyncIterator[str]:
+        """The chunks as JSON text: one per choice per engine output that brings it tokens (every
+        token an engine step made, a whole multi-step window, goes in one chunk; its text may be
+        empty while a character or a possible stop string is incomplete). The part that is the
+        same in every chunk is serialized once."""
         created = now()
+        head = (f'{{"id": "{rid}", "object": "text_completion", "created": {created}, "model": {self.model_json}, '
+                f'"choices": [{{"index": ')
         deltas = [[ChoiceDelta(params) for _ in range(params.n)] for _ in streams]
         offsets = [[0] * params.n for _ in streams]
         counts = [0, 0]
+        dumps = json.dumps
         async for i, out in _merged(streams):
             for c in out.outputs:
-                step = deltas[i][c.index].advance(c)
+                step = deltas[i][c.index].advance(c, on_tokens=True)
                 if step is None:
                     continue
                 text, tokens, entries, finish = step
-                lps = None
+                ids = f'"token_ids": {dumps(tokens)}, ' if req.return_token_ids else ""
+                lps = "null"
                 if params.logprobs is not None and entries is not None:
-                    lps = completion_logprobs(tokens, entries, params.logprobs, offsets[i][c.index])
+                    lps = dumps(completion_logprobs(tokens, entries, params.logprobs, offsets[i][c.index]),
+                                ensure_ascii=False)
                 offsets[i][c.index] += len(text)
-                yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                       "choices": [{"index": i * params.n + c.index, "text": text, "logprobs": lps,
-                                    "finish_reason": finish,
-                                    **({"stop_reason": c.stop_reason} if finish else {})}]}
+                tail = (f'"finish_reason": {dumps(finish)}, "stop_reason": {dumps(c.stop_reason)}' if finish
+                        else '"finish_reason": null')
+                yield (f'{head}{i * params.n + c.index}, "text": {dumps(text, ensure_ascii=False)}, {ids}'
+                       f'"logprobs": {lps}, {tail}}}]}}')
             if out.finished:
                 counts[0] += len(out.prompt_token_ids)
                 counts[1] += sum(len(c.token_ids) for c in out.outputs)
         if req.include_usage:
-            yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                   "choices": [], "usage": usage(*counts)}
+            yield dumps({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                         "choices": [], "usage": usage(*counts)}, ensure_ascii=False)
 
     # ---- chat --------------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Any:
-        req: ChatCompletionRequest = parse_request(ChatCompletionRequest,
-                                                   await read_json(request, self.max_body_bytes))
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._read_json(request))
         self._check_model(req.model)
         req.check_unsupported()
         params = self._params(req)
         messages = req.template_messages()
-        kwargs = {**self.default_chat_template_kwargs, **(req.chat_template_kwargs or {})}
+        kwargs = {**self.default_chat_template_kwargs, **self._template_kwargs(req)}
         # with a reasoning parser: thinking is on unless the template is told otherwise
         thinking = None if self.reasoning_parser is None else kwargs.get("enable_thinking", True) is not False
         tools = bool(req.tools) and req.tool_choice != "none"
@@ -282,7 +392,7 @@ class _Server:
         prompt = await self._engine_call(self.engine.call(
             lambda e: _render_chat(e, messages, req.add_generation_prompt, kwargs)))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._add([prompt], params, rid, "messages", True, req.stream)
+        streams = await self._add([prompt], params, rid, "messages", req, req.stream)
         if req.stream:
             return _EventStream(self._chat_events(req, params, rid, streams[0], thinking, tools, forced), streams)
         finals = await _until_done_or_disconnect(request, _collect(streams))
@@ -351,7 +461,31 @@ class _Server:
             num_out = sum(len(c.token_ids) for c in last.outputs)
             yield {**head, "choices": [], "usage": usage(len(last.prompt_token_ids), num_out)}
 
+    def _template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """The request's chat_template_kwargs (with its chat_template, when the server trusts
+        request templates); apply_chat_template's own arguments are refused."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        reserved = next((k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS), None)
+        if reserved is not None:
+            raise bad_request(f"chat_template_kwargs.{reserved} is not a template variable: it is set by the server",
+                              f"chat_template_kwargs.{reserved}")
+        for field, template in (("chat_template", req.chat_template),
+                                ("chat_template_kwargs.chat_template", kwargs.get("chat_template"))):
+            if template is None:
+                continue
+            if not self.trust_request_chat_template:
+                raise bad_request(f"{field}: a chat template sent in the request is refused: the server uses the "
+                                  f"model's (start it with --trust-request-chat-template to allow request templates)",
+                                  field, "unsupported")
+            if not isinstance(template, str):
+                raise bad_request(f"{field} must be a string", field, "invalid_type")
+            kwargs["chat_template"] = template
+        return kwargs
+
     # ---- shared ------------------------------------------------------------------------------
+
+    async def _read_json(self, request: Request) -> Any:
+        return await read_json(request, self.max_body_bytes, self.body_read_timeout)
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -364,15 +498,16 @@ class _Server:
         except EngineDead as e:
             raise APIError(503, str(e), "server_error", None, "engine_dead") from None
 
-    async def _add(self, prompts: list, params: SamplingParams, rid: str, field: str, is_chat: bool,
-                   stream: bool) -> list[RequestStream]:
+    async def _add(self, prompts: list, params: SamplingParams, rid: str, field: str,
+                   req: CompletionRequest | ChatCompletionRequest, stream: bool) -> list[RequestStream]:
         """Queue one engine request per prompt; all or none (a failure aborts those queued)."""
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
                 request_id = rid if len(prompts) == 1 else f"{rid}-{i}"
+                observer = None if self.metrics is None else self.metrics.request(stream).output
                 streams.append(await self.engine.add_request(_as_engine_prompt(prompt), params, request_id,
-                                                             stream=stream))
+                                                             stream=stream, observer=observer))
         except BaseException as e:
             for s in streams:
                 s.abort()
@@ -383,7 +518,7 @@ class _Server:
                 raise APIError(503, str(e), "server_error", None, "engine_dead") from None
             if isinstance(e, (ValueError, TypeError)):
                 where = f"{field}[{i}]: " if len(prompts) > 1 else ""
-                raise bad_request(where + str(e), request_field(str(e), is_chat, field)) from None
+                raise bad_request(where + str(e), request_field(str(e), req, field)) from None
             raise
         return streams
 
@@ -402,7 +537,7 @@ def with_request_defaults(req: CompletionRequest | ChatCompletionRequest, params
     try:
         return apply_defaults(params, defaults, unset)
     except (ValueError, TypeError) as e:
-        raise bad_request(str(e), request_field(str(e), isinstance(req, ChatCompletionRequest))) from None
+        raise bad_request(str(e), request_field(str(e), req)) from None
 
 
 def _as_engine_prompt(prompt: str | list[int]) -> str | dict:
@@ -449,6 +584,13 @@ def _render_chat(engine: LLMEngine, messages: list[dict], add_generation_prompt:
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(stream index, output) from several streams as they come; aborts them all if left early."""
+    if len(streams) == 1:  # the common case, without a task per output
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            streams[0].abort()
+        return
     pending: dict[asyncio.Future, int] = {asyncio.ensure_future(s.get()): i for i, s in enumerate(streams)}
     try:
         while pending:
@@ -521,10 +663,11 @@ class _EventStream(StreamingResponse):
                 s.abort()
 
 
-async def _sse_lines(events: AsyncIterator[dict]) -> AsyncIterator[str]:
+async def _sse_lines(events: AsyncIterator[dict | str]) -> AsyncIterator[str]:
+    """Events (dicts, or JSON text already) as server-sent-event lines, then [DONE]."""
     try:
         async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            yield f"data: {event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)}\n\n"
     except Exception as e:  # the engine failed mid-stream: tell the client, end the stream
         logger.error("stream ended by an engine error: %r", e)
         yield f"data: {json.dumps(error_body(str(e), 'server_error', None, 'engine_error'))}\n\n"

@@ -27,8 +27,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from myvllm.config import EngineConfig
-from myvllm.outputs import RequestOutput
+from myvllm.outputs import CompletionOutput, RequestOutput
+from myvllm.runtime.detokenizer import decode_new_text
 from myvllm.runtime.engine import LLMEngine, PromptType
+from myvllm.runtime.sequence import StopState
 from myvllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -48,12 +50,21 @@ class RequestStream:
     """The outputs of one request, as an async iterator that ends after the finished one.
 
     Leaving the iteration early (break, cancellation, an exception) or calling abort()
-    aborts the request on the engine thread, which frees its KV blocks.
+    aborts the request on the engine thread, which frees its KV blocks. An observer (the
+    server's metrics) sees every output as it is handed out.
+
+    A streamed request's outputs before the finished one carry token ids only; the stream
+    decodes their text on the event loop as it hands them out (the finished output has the
+    engine's text). The engine thread's time is the engine's: per-step detokenization of every
+    stream there would lengthen every step, while the loop decodes when the engine thread waits
+    for the device, and only the outputs a reader takes.
     """
 
-    def __init__(self, request_id: str, owner: AsyncLLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request_id: str, owner: AsyncLLMEngine, loop: asyncio.AbstractEventLoop,
+                 observer: Callable[[RequestOutput], None] | None = None) -> None:
         self.request_id = request_id
         self.loop = loop
+        self.observer = observer
         self._owner = owner
         self._latest: RequestOutput | None = None
         self._error: BaseException | None = None
@@ -61,6 +72,11 @@ class RequestStream:
         self._finished = False  # the finished output was handed out
         self._aborted = False
         self.num_decoded: dict[int, int] = {}  # engine thread: logprob entries given text, per completion
+        self.num_sent: dict[int, int] = {}  # engine thread: output tokens handed to the loop, per completion
+        self.final_texts: dict[int, str] = {}  # engine thread: text of completions finished before the request
+        self._texts: dict[int, _TextStream] | None = None  # loop: incremental text per completion
+        self._texts_tokenizer: Any = None
+        self._skip_special = True
 
     @property
     def finished(self) -> bool:
@@ -87,6 +103,16 @@ class RequestStream:
                 if self._error is None:
                     self._event.clear()
                 self._finished = out.finished
+                if self._texts is not None and not out.finished:
+                    for c in out.outputs:
+                        if c.finish_reason is not None:  # the engine's text
+                            continue
+                        text = self._texts.get(c.index)
+                        if text is None:
+                            text = self._texts[c.index] = _TextStream(self._texts_tokenizer, self._skip_special)
+                        c.text = text.advance(c.token_ids)
+                if self.observer is not None:
+                    self.observer(out)
                 return out
             if self._error is not None:
                 raise self._error
@@ -117,6 +143,43 @@ class RequestStream:
 
     async def __aexit__(self, *exc) -> None:
         self.abort()
+
+
+class _TextStream:
+    """The text of one completion's tokens so far, decoded incrementally (O(new tokens) per call)
+    as the engine decodes a streamed sequence (runtime.detokenizer)."""
+
+    __slots__ = ("tokenizer", "skip_special_tokens", "state")
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.state = StopState()
+
+    def advance(self, token_ids: list[int]) -> str:
+        decode_new_text(self.tokenizer, token_ids, self.state, self.skip_special_tokens)
+        return self.state.text
+
+
+class _BackendDecoder:
+    """tokenizer.decode through a fast tokenizer's Rust backend, skipping transformers' per-call
+    conversion of the ids; the same text when the tokenizer does no clean-up of spaces."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def stream_decoder(tokenizer: Any) -> Any:
+    """What decodes streamed text: the fast backend where it gives tokenizer.decode's text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return _BackendDecoder(backend)
+    return tokenizer
 
 
 class _Command:
@@ -180,6 +243,9 @@ class AsyncLLMEngine:
         self._dead: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._streaming: dict[str, RequestStream] = {}  # engine thread only: the streamed ones among them
+        # fixed at construction: safe to use on the loop (decoding is read-only on the tokenizer)
+        self._decoder = stream_decoder(engine.tokenizer) if engine.tokenizer is not None else None
         self._owns_engine = False  # made by from_engine_args: stop() shuts it down
 
     @classmethod
@@ -217,23 +283,32 @@ class AsyncLLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     async def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                          request_id: str | None = None, stream: bool = True) -> RequestStream:
+                          request_id: str | None = None, stream: bool = True,
+                          observer: Callable[[RequestOutput], None] | None = None) -> RequestStream:
         """Queue a request on the engine; returns its stream of outputs.
 
         Raises what LLMEngine.add_request raises (ValueError, TypeError) for a bad request,
         and EngineOverloaded when the waiting queue is full. With stream=False only the
-        finished output is delivered.
+        finished output is delivered. observer(output) runs on the loop for every output
+        the stream hands out.
         """
         loop = asyncio.get_running_loop()
         request_id = uuid.uuid4().hex if request_id is None else request_id
-        handle = RequestStream(request_id, self, loop)
+        handle = RequestStream(request_id, self, loop, observer)
         bound = self.max_waiting_requests
 
         def add(engine: LLMEngine) -> RequestStream:
             if bound is not None and engine.num_waiting_requests() >= bound:
                 raise EngineOverloaded(f"{bound} requests are waiting already (max_waiting_requests)")
-            engine.add_request(prompt, params, request_id, stream=stream)
+            # the engine reports the request when it finishes; its progress is read after each step
+            engine.add_request(prompt, params, request_id, stream=False)
             self._streams[request_id] = handle
+            if stream:
+                self._streaming[request_id] = handle
+                if self._decoder is not None:
+                    handle._texts_tokenizer = self._decoder
+                    handle._skip_special = engine.requests[request_id].params.skip_special_tokens
+                    handle._texts = {}
             return handle
 
         future = loop.create_future()
@@ -261,6 +336,7 @@ class AsyncLLMEngine:
         everything once the engine has stopped, which ends its requests itself)."""
         def run(engine: LLMEngine) -> None:
             self._streams.pop(request_id, None)
+            self._streaming.pop(request_id, None)
             engine.abort_request(request_id)
 
         with self._cond:
@@ -338,6 +414,8 @@ class AsyncLLMEngine:
             command.resolve(result)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand the step's outputs to their loops: the finished requests', and a token-only
+        output of every streamed request that received tokens."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
         for out in outputs:
             handle = self._streams.get(out.request_id)
@@ -345,14 +423,51 @@ class AsyncLLMEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
+                self._streaming.pop(out.request_id, None)
             for c in out.outputs:
                 if c.logprobs is not None:
                     if not out.finished:  # the engine keeps appending to this list
                         c.logprobs = list(c.logprobs)
                     self._decode_logprobs(handle, c.index, c.logprobs)
             by_loop.setdefault(handle.loop, []).append((handle, out))
+        for request_id, handle in self._streaming.items():
+            out = self._progress(request_id, handle)
+            if out is not None:
+                by_loop.setdefault(handle.loop, []).append((handle, out))
         for loop, items in by_loop.items():
             _call_soon(loop, _deliver, items)
+
+    def _progress(self, request_id: str, handle: RequestStream) -> RequestOutput | None:
+        """A running streamed request's tokens so far (no text), if it received any since the
+        last; None otherwise."""
+        state = self.engine.requests.get(request_id)
+        if state is None:
+            return None
+        sent = handle.num_sent
+        if all(len(seq.token_ids) - seq.num_prompt_tokens == sent.get(seq.index, 0) for seq in state.seqs):
+            return None
+        completions = []
+        tokenizer = self.engine.tokenizer
+        for seq in state.seqs:
+            token_ids = seq.output_token_ids
+            sent[seq.index] = len(token_ids)
+            logprobs = None
+            if seq.logprobs is not None:
+                logprobs = list(seq.logprobs)  # the engine keeps appending to its list
+                self._decode_logprobs(handle, seq.index, logprobs)
+            text = ""
+            if seq.is_finished:  # one of n finished before the others: its final text, as the engine makes it
+                text = handle.final_texts.get(seq.index)
+                if text is None:
+                    text = seq.output_text
+                    if text is None:
+                        text = "" if tokenizer is None else tokenizer.decode(
+                            token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+                    handle.final_texts[seq.index] = text
+            completions.append(CompletionOutput(seq.index, text, token_ids, logprobs=logprobs,
+                                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return RequestOutput(request_id, state.prompt, state.prompt_token_ids, completions,
+                             num_cached_tokens=max(s.num_cached_prompt_tokens for s in state.seqs))
 
     def _decode_logprobs(self, handle: RequestStream, index: int, logprobs: list) -> None:
         """Give the logprob entries not yet seen their token text (once per entry)."""

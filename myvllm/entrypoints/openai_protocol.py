@@ -96,6 +96,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # extension, as in vLLM
     echo: bool = False
+    return_token_ids: bool = False  # extension, as in vLLM: choices carry token_ids (and prompt_token_ids)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -126,10 +127,24 @@ class TextPart(_Strict):
     text: str
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 class ChatMessage(_Strict):
     model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id, ... reach the template
     role: str
     content: str | list[TextPart] | None = None
+
+    def check(self, where: str) -> None:
+        """The role is one the chat API has, and content is there unless an assistant message
+        carries tool_calls instead (as the OpenAI API requires)."""
+        if self.role not in CHAT_ROLES:
+            raise bad_request(f"{where}.role={self.role!r} is not supported: must be one of {', '.join(CHAT_ROLES)}",
+                              f"{where}.role")
+        if self.content is None and not (self.role == "assistant" and getattr(self, "tool_calls", None)):
+            raise bad_request(f"{where}.content is required for a {self.role!r} message"
+                              + (" without tool_calls" if self.role == "assistant" else ""),
+                              f"{where}.content", "missing_field")
 
     def to_template(self) -> dict[str, Any]:
         msg = self.model_dump(exclude_none=True)
@@ -147,6 +162,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    chat_template: str | None = None  # refused unless the server trusts request templates
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -166,6 +182,10 @@ class ChatCompletionRequest(_SamplingFields):
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
 
     def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template takes them; raises APIError(400) for a role the
+        chat API does not have or a message without the content it needs."""
+        for i, m in enumerate(self.messages):
+            m.check(f"messages.{i}")
         return [m.to_template() for m in self.messages]
 
 
@@ -243,6 +263,11 @@ def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> Struct
         raise bad_request(str(e), name) from None
 MAX_N = 128  # completions per request: each is a sequence holding its own KV blocks
 MAX_INT = (1 << 63) - 1  # integers reach the sampler as int64
+# Every new piece of text is searched for every stop string, and a stream holds back the longest
+# one's length: both bounds keep one request from slowing the others.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64  # each is compared with every sampled token
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, vocab_size: int) -> SamplingParams:
@@ -254,6 +279,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, vocab_size: 
         value = getattr(req, name, None)
         if value is not None and value > MAX_INT:
             raise bad_request(f"{name}={value} is out of range: must be < 2**63", name)
+    check_stops(req.stop, req.stop_token_ids)
     bad_ids = [t for t in req.stop_token_ids or () if not 0 <= t < vocab_size]
     if bad_ids:
         raise bad_request(f"stop_token_ids: {bad_ids[0]} is out of range: token ids must be in "
@@ -276,15 +302,38 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, vocab_size: 
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as e:
-        raise bad_request(str(e), request_field(str(e), is_chat)) from None
+        raise bad_request(str(e), request_field(str(e), req)) from None
 
 
-def request_field(message: str, is_chat: bool, prompt_field: str = "prompt") -> str:
+def check_stops(stop: str | list[str] | None, stop_token_ids: list[int] | None) -> None:
+    """Bounds on the number and length of stop strings and on the number of stop token ids."""
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop has {len(stops)} strings: at most {MAX_STOP_STRINGS} are allowed", "stop")
+    long = next((s for s in stops if len(s) > MAX_STOP_STRING_CHARS), None)
+    if long is not None:
+        raise bad_request(f"stop: a stop string of {len(long)} characters is too long: at most "
+                          f"{MAX_STOP_STRING_CHARS} characters each", "stop")
+    if stop_token_ids is not None and len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"stop_token_ids has {len(stop_token_ids)} ids: at most {MAX_STOP_TOKEN_IDS} are allowed",
+                          "stop_token_ids")
+
+
+def max_tokens_field(req: CompletionRequest | ChatCompletionRequest) -> str:
+    """The request field that carries max_tokens: chat's max_completion_tokens when the client
+    sent it, else max_tokens."""
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
+def request_field(message: str, req: CompletionRequest | ChatCompletionRequest, prompt_field: str = "prompt") -> str:
     """The request field an engine or SamplingParams error message is about."""
+    is_chat = isinstance(req, ChatCompletionRequest)
     m = _SP_FIELD.match(message)
     name = m.group(1) if m else prompt_field
-    if name == "max_tokens" and is_chat:
-        return "max_completion_tokens"
+    if name == "max_tokens":
+        return max_tokens_field(req)
     if name == "logprobs" and is_chat:
         return "top_logprobs"
     if name in STRUCTURED_FIELDS or name == "tool_choice":
@@ -358,8 +407,10 @@ class ChoiceDelta:
         stops = params.stop_list
         self.holdback = max(len(s) for s in stops) - 1 if stops and not params.include_stop_str_in_output else 0
 
-    def advance(self, c: CompletionOutput) -> tuple[str, list[int], list | None, str | None] | None:
-        """(text, token ids, logprob entries, finish_reason) new since the last call, or None."""
+    def advance(self, c: CompletionOutput, on_tokens: bool = False) -> tuple[str, list[int], list | None,
+                                                                             str | None] | None:
+        """(text, token ids, logprob entries, finish_reason) new since the last call, or None
+        when nothing is new: no text (with on_tokens: no tokens either) and no finish."""
         if self.finished:
             return None
         finish = c.finish_reason
@@ -368,7 +419,8 @@ class ChoiceDelta:
         delta = text[self.num_chars:end]
         tokens = c.token_ids[self.num_tokens:]
         entries = c.logprobs[self.num_tokens:len(c.token_ids)] if c.logprobs is not None else None
-        if not delta and finish is None and not (entries and c.logprobs is not None):
+        if not delta and finish is None and not (entries and c.logprobs is not None) \
+                and not (on_tokens and tokens):
             return None
         self.num_chars = end
         self.num_tokens = len(c.token_ids)

@@ -49,6 +49,7 @@ class BlockManager:
         self.free_empty: deque[int] = deque(range(num_blocks))
         self.free_cached: OrderedDict[int, None] = OrderedDict()  # LRU order: oldest first
         self.num_hits = 0  # prefix-cache hit tokens, for stats
+        self.num_queries = 0  # tokens of the sequences admitted (looked up in the prefix cache), for stats
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class BlockManager:
         if seq.num_preemptions == 0:
             seq.num_cached_prompt_tokens = seq.num_computed_tokens
         self.num_hits += seq.num_computed_tokens
+        self.num_queries += len(seq)
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow seq's block table to cover num_new_tokens more tokens. Caller checked room."""

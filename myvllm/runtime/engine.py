@@ -266,6 +266,8 @@ class LLMEngine:
             "num_running_seqs": len(sched.running),
             "num_blocks": bm.num_blocks,
             "num_free_blocks": bm.num_free_blocks,
+            "prefix_cache_queries": bm.num_queries,
+            "prefix_cache_hits": bm.num_hits,
             **dataclasses.asdict(sched.stats),
         }
 
