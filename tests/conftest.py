@@ -2,6 +2,10 @@
 
 Triton kernels run on CPU through Triton's interpreter when no GPU is present;
 the variable must be set before anything imports triton.
+
+MYVLLM_TEST_GPU_SHARE=F lets several GPU test processes share one card: each engine then sizes
+its KV cache from F x the card's memory less its own peak, instead of from
+gpu_memory_utilization less everything else on the card (which the other processes hold).
 """
 
 import os
@@ -47,3 +51,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_gpu():
+    share = os.environ.get("MYVLLM_TEST_GPU_SHARE")
+    if not share:
+        yield
+        return
+    from myvllm.runtime import kv_cache
+
+    def num_blocks(config, bytes_per_block, peak_bytes, device):
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        total = torch.cuda.mem_get_info(device)[1]
+        budget = min(float(share), config.gpu_memory_utilization) * total - peak_bytes
+        return max(0, int(budget // bytes_per_block))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kv_cache, "cuda_num_blocks", num_blocks)
+        yield
