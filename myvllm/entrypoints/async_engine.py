@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from myvllm.config import EngineConfig
 from myvllm.outputs import CompletionOutput, RequestOutput
-from myvllm.runtime.detokenizer import decode_new_text
+from myvllm.runtime.detokenizer import decode_new_text, fast_decoder
 from myvllm.runtime.engine import LLMEngine, PromptType
 from myvllm.runtime.sequence import StopState
 from myvllm.sampling_params import SamplingParams
@@ -161,27 +161,6 @@ class _TextStream:
         return self.state.text
 
 
-class _BackendDecoder:
-    """tokenizer.decode through a fast tokenizer's Rust backend, skipping transformers' per-call
-    conversion of the ids; the same text when the tokenizer does no clean-up of spaces."""
-
-    __slots__ = ("backend",)
-
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-
-def stream_decoder(tokenizer: Any) -> Any:
-    """What decodes streamed text: the fast backend where it gives tokenizer.decode's text."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return _BackendDecoder(backend)
-    return tokenizer
-
-
 class _Command:
     """A function to run on the engine thread, and where its result goes."""
 
@@ -245,7 +224,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._streaming: dict[str, RequestStream] = {}  # engine thread only: the streamed ones among them
         # fixed at construction: safe to use on the loop (decoding is read-only on the tokenizer)
-        self._decoder = stream_decoder(engine.tokenizer) if engine.tokenizer is not None else None
+        self._decoder = fast_decoder(engine.tokenizer) if engine.tokenizer is not None else None
         self._owns_engine = False  # made by from_engine_args: stop() shuts it down
 
     @classmethod

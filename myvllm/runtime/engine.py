@@ -29,7 +29,7 @@ from myvllm.config import EngineConfig, ModelConfig
 from myvllm.models.resolve import load_generation_eos, load_tokenizer, resolve_model
 from myvllm.outputs import CompletionOutput, RequestOutput
 from myvllm.runtime.block_manager import BlockManager
-from myvllm.runtime.detokenizer import decode_new_text
+from myvllm.runtime.detokenizer import decode_new_text, fast_decoder
 from myvllm.runtime.generation_defaults import load_generation_defaults, log_generation_defaults
 from myvllm.runtime.input_processor import InputProcessor, ProcessedRequest, PromptType
 from myvllm.runtime.model_runner import LaunchedBatch, ModelRunner
@@ -93,7 +93,8 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, self.block_manager,
                                         config.max_logprobs, config.max_n, config.tensor_parallel_size)
-        stop_checker = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
+        self.decoder = fast_decoder(self.tokenizer) if self.tokenizer is not None else None
+        stop_checker = StopChecker(self.eos_token_ids, self.max_model_len, self.decoder)
         # Batches run ahead of the one in flight only without tensor parallelism, where the other
         # ranks would need the tokens in flight too.
         self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
@@ -229,9 +230,9 @@ class LLMEngine:
         if not seq.is_finished:  # streaming: decode only what is new
             if seq.stop_state is None:
                 seq.stop_state = StopState()
-            decode_new_text(self.tokenizer, seq.output_token_ids, seq.stop_state, seq.params.skip_special_tokens)
+            decode_new_text(self.decoder, seq.output_token_ids, seq.stop_state, seq.params.skip_special_tokens)
             return seq.stop_state.text
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        return self.decoder.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def _make_output(self, state: RequestState) -> RequestOutput:
         completions = [

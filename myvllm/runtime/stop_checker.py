@@ -11,10 +11,11 @@ from myvllm.runtime.sequence import Sequence, StopState
 
 
 class StopChecker:
-    def __init__(self, eos_token_ids: set[int], max_model_len: int, tokenizer) -> None:
+    def __init__(self, eos_token_ids: set[int], max_model_len: int, decoder) -> None:
+        """decoder: what decodes output tokens to text (detokenizer.fast_decoder), None without a tokenizer."""
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
-        self.tokenizer = tokenizer
+        self.decoder = decoder
 
     def check(self, seq: Sequence) -> tuple[str, int | str | None] | None:
         """(finish_reason, stop_reason) if seq must stop after its last token, else None."""
@@ -26,7 +27,7 @@ class StopChecker:
                 return "stop", None
             if p.stop_token_ids and token in p.stop_token_ids:
                 return "stop", token
-            if p.stop_list and self.tokenizer is not None:
+            if p.stop_list and self.decoder is not None:
                 hit = self._check_stop_strings(seq)
                 if hit is not None:
                     return "stop", hit
@@ -43,7 +44,7 @@ class StopChecker:
         if state is None:
             state = seq.stop_state = StopState()
         p = seq.params
-        new_text = decode_new_text(self.tokenizer, seq.output_token_ids, state, p.skip_special_tokens)
+        new_text = decode_new_text(self.decoder, seq.output_token_ids, state, p.skip_special_tokens)
         if not new_text:
             return None
         text = state.text
