@@ -237,3 +237,216 @@ def test_the_builder_gives_the_largest_top_k_only_when_every_row_has_one():
     assert builder.build(seqs(20, 5)).max_top_k == 20
     assert builder.build(seqs(20, -1)).max_top_k is None
     assert builder.build(seqs(20, 5)).top_k.tolist() == [20, 5]
+
+
+# ---- the filtered distribution, against a direct computation of its definition ----------------
+
+# 0.1% critical values of the chi-square distribution by degrees of freedom
+CHI2_CRITICAL = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
+                 10: 29.59, 11: 31.26}
+# Twelve logits with ties: 3 | 2, 2 | 1.5 | 1, 1, 1 | 0.5 | 0 | -0.5 | -1 | -2, in a shuffled order.
+TIED = torch.tensor([1.0, -0.5, 2.0, 0.0, 1.0, 3.0, -2.0, 1.5, 2.0, 0.5, -1.0, 1.0])
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                   min_p: float | None = None) -> torch.Tensor:
+    """The sampled distribution by definition, in float64: top-k keeps every token at least as
+    likely as the k-th; top-p keeps, of those, each token whose strictly more likely tokens hold
+    less than top_p of their probability; min-p keeps probabilities >= min_p x the largest."""
+    x = logits.double() / temperature
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if top_k is not None:
+        keep &= x >= x.sort(descending=True).values[min(top_k, x.numel()) - 1]
+    if top_p is not None and top_p < 1:
+        p = torch.where(keep, x, float("-inf")).softmax(-1)
+        mass_above = torch.stack([(p * (x > xi)).sum() for xi in x])
+        keep &= mass_above < top_p
+    if min_p is not None:
+        p = torch.where(keep, x, float("-inf")).softmax(-1)
+        keep &= p >= min_p * p.max()
+    return torch.where(keep, x, float("-inf")).softmax(-1)
+
+
+def assert_draws_follow(draws: torch.Tensor, probs: torch.Tensor) -> None:
+    """No draw outside the support; a chi-square test at 0.1% over the support."""
+    counts = torch.bincount(draws.cpu(), minlength=probs.numel()).double()
+    support = probs > 0
+    assert counts[~support].sum() == 0, f"tokens drawn outside the kept set: {torch.nonzero(counts * ~support)}"
+    expected = probs[support] * draws.numel()
+    chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+    df = int(support.sum()) - 1
+    if df > 0:
+        assert chi2 < CHI2_CRITICAL[df], f"chi-square {chi2:.2f} over {CHI2_CRITICAL[df]} ({df} degrees of freedom)"
+
+
+FILTER_CASES = [  # (temperature, top_k, top_p, min_p): each filter alone and combined
+    (1.0, 2, None, None),  # a tie at the k-th: three tokens stay
+    (0.8, 5, None, None),  # three tied at the k-th
+    (1.0, 100, None, None),  # top_k larger than the vocabulary
+    (1.0, None, 0.45, None),  # the nucleus cut falls inside a tie: both tied tokens stay
+    (0.7, None, 0.9, None),
+    (1.0, None, 1.0, None),  # top_p = 1 keeps everything
+    (1.0, None, None, 0.2),
+    (1.0, None, None, 0.0),  # min_p = 0 keeps everything
+    (0.9, 5, 0.8, 0.1),  # all three
+]
+
+
+def filter_tensors(rows: int, top_k, top_p, min_p, vocab: int) -> dict:
+    return dict(top_k=None if top_k is None else torch.full((rows,), top_k),
+                top_p=None if top_p is None else torch.full((rows,), top_p),
+                min_p=None if min_p is None else torch.full((rows,), min_p))
+
+
+def test_the_reference_keeps_every_tie_at_the_cut_off():
+    x = TIED[None, :]
+    assert kept(apply_top_k_top_p(x, torch.tensor([2]), None)) == [[2, 5, 8]]
+    assert kept(apply_top_k_top_p(x, torch.tensor([5]), None, max_top_k=5)) == [[0, 2, 4, 5, 7, 8, 11]]
+    assert kept(apply_top_k_top_p(x, None, torch.tensor([0.45]))) == [[2, 5, 8]]
+    assert kept(apply_top_k_top_p(x, torch.tensor([100]), torch.tensor([1.0]))) == [list(range(12))]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", FILTER_CASES)
+def test_torch_sampler_draws_the_filtered_distribution(temperature, top_k, top_p, min_p):
+    n = 20000
+    probs = filtered_probs(TIED, temperature, top_k, top_p, min_p)
+    st = st_for(n, temperature, torch.Generator().manual_seed(7), **filter_tensors(n, top_k, top_p, min_p, 12))
+    draws = Sampler()(TIED.expand(n, -1).clone(), st).token_ids
+    assert_draws_follow(draws, probs)
+    unfiltered = torch.softmax(TIED.double() / temperature, -1)
+    if not torch.allclose(probs, unfiltered):  # the test tells the filter from no filter
+        with pytest.raises(AssertionError):
+            assert_draws_follow(draws, unfiltered)
+
+
+# ---- the Triton sampling kernels (interpreted on CPU), against the definition ------------------
+
+
+def key_to_float(keys: torch.Tensor) -> torch.Tensor:
+    """The float32 value of order keys (triton_sampling.order_key's inverse); -inf for the key
+    below every float's, which keeps every token."""
+    keys = keys.to(torch.int32)
+    values = torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys).view(torch.float32)
+    return values.masked_fill(keys == torch.iinfo(torch.int32).min, float("-inf"))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Kernel tiles for a 12-token vocabulary: three stats chunks, room for four candidates."""
+    from myvllm.kernels import triton_sampling_filters as kernels
+
+    monkeypatch.setattr(kernels, "CHUNK", 4)
+    monkeypatch.setattr(kernels, "CAP", 4)
+    monkeypatch.setattr(kernels, "BLOCK", 8)
+    return kernels
+
+
+@needs_triton
+def test_kernel_thresholds_keep_exactly_the_filtered_set(small_chunks):
+    """Every filter case, on the candidate path (top_k <= 3 chunks, <= 4 candidates) and on the
+    bisection path (larger top_k, no top_k, or too many candidates)."""
+    rows = [(t, k, p, m) for t, k, p, m in FILTER_CASES] + [(1.0, 3, 0.6, None), (0.5, 1, None, None),
+                                                          (1.0, 3, None, None)]
+    n = len(rows)
+    logits = TIED.expand(n, -1).clone()
+    logits[-1] = torch.tensor([2.0, 2.0, 2.0, 2.0, 2.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 2.0])  # 6 candidates > CAP
+    temps = torch.tensor([r[0] for r in rows])
+    top_k = torch.tensor([r[1] or 12 for r in rows])
+    top_p = torch.tensor([r[2] or 1.0 for r in rows])
+    min_p = torch.tensor([r[3] or 0.0 for r in rows])
+    dev = DEVICE
+    _, thr, done, _ = small_chunks.thresholds_of(logits.to(dev), temps.to(dev), torch.arange(n).to(dev),
+                                                 top_k.to(dev), top_p.to(dev), min_p.to(dev), None, None)
+    assert done.tolist()[:2] == [1, 0] and done[-3] == 1 and done[-1] == 0  # both paths ran
+    kept_by_kernel = logits >= key_to_float(thr.cpu())[:, None]
+    for i, (t, k, p, m) in enumerate(rows):
+        assert torch.equal(kept_by_kernel[i], filtered_probs(logits[i], t, k, p, m) > 0), rows[i]
+
+
+@needs_triton
+def test_kernel_draws_the_filtered_distribution(small_chunks):
+    """top_k 2 with a tie at the k-th (three tokens), top_p 0.95 (the candidate path)."""
+    n, temperature = 300, 0.8
+    probs = filtered_probs(TIED, temperature, 2, 0.95, None)
+    draws, _ = small_chunks.filtered_sample(
+        TIED.expand(n, -1).contiguous().to(DEVICE), torch.full((n,), temperature, device=DEVICE),
+        torch.arange(n, dtype=torch.int64, device=DEVICE) * 7919 + 5, torch.full((n,), 2, device=DEVICE),
+        torch.full((n,), 0.95, device=DEVICE), None)
+    assert_draws_follow(draws, probs)
+    exactly_two = torch.zeros(12, dtype=torch.float64)
+    exactly_two[[5, 2]] = torch.softmax(TIED[[5, 2]].double() / temperature, -1)
+    for wrong in (exactly_two, torch.softmax(TIED.double() / temperature, -1)):
+        with pytest.raises(AssertionError):
+            assert_draws_follow(draws, wrong)
+
+
+@needs_triton
+def test_kernel_token_depends_on_seed_and_logits_only(small_chunks, monkeypatch):
+    """A seeded row draws the same token wherever it sits in the batch, and whether its thresholds
+    come from the candidates or from bisection."""
+    gen = torch.Generator().manual_seed(5)
+    row = TIED.clone()
+
+    def draw(batch: int, position: int, cap: int) -> int:
+        monkeypatch.setattr(small_chunks, "CAP", cap)
+        logits = torch.randn(batch, 12, generator=gen)
+        logits[position] = row
+        seeds = torch.randint(0, 1 << 40, (batch,), generator=gen)
+        seeds[position] = 12345
+        tokens, _ = small_chunks.filtered_sample(logits.to(DEVICE), torch.full((batch,), 1.5, device=DEVICE),
+                                                 seeds.to(DEVICE), torch.full((batch,), 3, device=DEVICE),
+                                                 torch.full((batch,), 0.95, device=DEVICE), None)
+        return int(tokens[position])
+
+    alone = draw(1, 0, 4)
+    assert draw(5, 3, 4) == alone and draw(3, 2, 1) == alone  # cap 1: bisection
+
+
+@needs_triton
+def test_kernel_penalties_match_the_reference(small_chunks):
+    from myvllm.kernels.triton_sampling import Penalties
+    from myvllm.sample.sampler import apply_penalties
+
+    gen = torch.Generator().manual_seed(2)
+    n, vocab = 4, 12
+    logits = torch.randn(n, vocab, generator=gen) * 2
+    counts = torch.randint(0, 3, (n, vocab), generator=gen).float()
+    prompt = torch.rand(n, vocab, generator=gen) < 0.3
+    st = SamplingMetadata(all_greedy=False, output_counts=counts, prompt_mask=prompt,
+                          presence_penalties=torch.tensor([0.0, 1.5, 0.3, -0.5]),
+                          frequency_penalties=torch.tensor([0.0, 0.2, -0.7, 0.1]),
+                          repetition_penalties=torch.tensor([1.0, 1.05, 1.7, 0.8]))
+    penalised = apply_penalties(logits, st)
+    pen = Penalties(counts.to(DEVICE), prompt.to(DEVICE), st.presence_penalties.to(DEVICE),
+                    st.frequency_penalties.to(DEVICE), st.repetition_penalties.to(DEVICE))
+    temps = torch.tensor([0.0, 1.0, 0.7, 1.0], device=DEVICE)
+    top_k = torch.tensor([12, 3, 2, 12], device=DEVICE)
+    top_p = torch.tensor([1.0, 0.8, 1.0, 0.5], device=DEVICE)
+    tokens, thr, done, _ = small_chunks.thresholds_of(logits.to(DEVICE), temps, torch.arange(n, device=DEVICE),
+                                                      top_k, top_p, None, pen, None)
+    kept_by_kernel = penalised >= key_to_float(thr.cpu())[:, None]
+    for i in range(1, n):
+        expected = filtered_probs(penalised[i], float(temps[i]), int(top_k[i]), float(top_p[i])) > 0
+        assert torch.equal(kept_by_kernel[i], expected), i
+    drawn, _ = small_chunks.filtered_sample(logits.to(DEVICE), temps, torch.arange(n, device=DEVICE), top_k, top_p,
+                                            None, pen)
+    assert int(drawn[0]) == int(penalised[0].argmax())  # greedy row: the argmax of the penalised logits
+    assert all(kept_by_kernel[i, int(drawn[i])] for i in range(n))
+
+
+@needs_triton
+def test_kernel_logprobs_match_the_reference(small_chunks):
+    from myvllm.sample.sampler import SamplerOutput, add_token_logprobs
+
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, 14, generator=gen) * 3  # the last chunk holds fewer than k tokens
+    tokens = torch.tensor([5, 0, 13])
+    ref = SamplerOutput(token_ids=tokens)
+    add_token_logprobs(ref, torch.log_softmax(logits, -1), 3)
+    d = logits.to(DEVICE)
+    stats = small_chunks.raw_stats(d, 3)
+    logprobs, ranks, top_logprobs, top_ids = small_chunks.token_logprobs(d, tokens.to(DEVICE), 3, stats)
+    assert torch.allclose(logprobs.cpu(), ref.logprobs, atol=1e-5)
+    assert torch.equal(ranks.cpu(), ref.ranks)
+    assert torch.allclose(top_logprobs.cpu(), ref.top_logprobs, atol=1e-5)
+    assert torch.equal(top_ids.cpu(), ref.top_ids)

@@ -178,7 +178,7 @@ def _select_kernel(
     pos_c = tl.arange(0, CHUNKS_PAD)
     y_max = tl.max(tl.load(ymax_ptr + row * num_chunks + pos_c, mask=pos_c < num_chunks, other=float("-inf")), 0)
     thr = row * 0 + KEEP_ALL
-    tl.store(done_ptr + row, 0)
+    done = row * 0
     if HAS_MIN_P:
         min_p = tl.load(min_p_ptr + row)
         if (min_p > 0.0) & (temperature > 0.0):
@@ -214,7 +214,7 @@ def _select_kernel(
                                  vals * inv_t + gumbel_noise(uniform_at(seed, idx, SUB)), float("-inf"))
                 best = tl.max(score, 0)
                 tl.store(out_ptr + row, tl.min(tl.where(score == best, idx, vocab_size), 0).to(tl.int64))
-                tl.store(done_ptr + row, 1)
+                done = row * 0 + 1
             else:
                 # bisection over the order keys, one pass over the row per step
                 top_key = order_key(y_max).to(tl.int64)
@@ -250,6 +250,7 @@ def _select_kernel(
                             lo = mid
                     thr = tl.maximum(thr, hi.to(tl.int32))
     tl.store(thr_ptr + row, thr)
+    tl.store(done_ptr + row, done)
 
 
 @triton.jit
