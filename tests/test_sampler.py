@@ -450,3 +450,241 @@ def test_kernel_logprobs_match_the_reference(small_chunks):
     assert torch.equal(ranks.cpu(), ref.ranks)
     assert torch.allclose(top_logprobs.cpu(), ref.top_logprobs, atol=1e-5)
     assert torch.equal(top_ids.cpu(), ref.top_ids)
+
+
+# ---- the kernels on CUDA at Qwen3's vocabulary ----------------------------------------------
+
+QWEN3_VOCAB = 151936
+# per row, cycling: (temperature, top_k, top_p, min_p); top_k = vocab and top_p = 1 are off
+GPU_ROWS = [(0.6, 20, 0.95, 0.0), (1.0, 50, 1.0, 0.0), (1.0, QWEN3_VOCAB, 0.9, 0.0), (0.8, QWEN3_VOCAB, 1.0, 0.05),
+            (0.7, 1000, 0.8, 0.0), (0.0, 20, 0.95, 0.0), (1.3, 5, 0.5, 0.1)]
+
+
+def chi2_critical(df: int) -> float:
+    """The 0.1% critical value of chi-square (Wilson-Hilferty; within 1% for df >= 3)."""
+    if df in CHI2_CRITICAL:
+        return CHI2_CRITICAL[df]
+    return df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
+
+
+def gpu_logits(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """[n, V] logits shaped like a language model's: a bulk of small values and a head of 64
+    likely tokens per row (bf16 gives ties in both)."""
+    logits = torch.randn(n, QWEN3_VOCAB, generator=gen, device="cuda")
+    head = torch.randint(0, QWEN3_VOCAB, (n, 64), generator=gen, device="cuda")
+    logits.scatter_(1, head, 14 + 1.5 * torch.randn(n, 64, generator=gen, device="cuda"))
+    return logits.to(dtype)
+
+
+def gpu_params(n: int, vocab: int = QWEN3_VOCAB) -> dict:
+    rows = [GPU_ROWS[i % len(GPU_ROWS)] for i in range(n)]
+    return dict(temperatures=torch.tensor([r[0] for r in rows], device="cuda"),
+                top_k=torch.tensor([min(r[1], vocab) for r in rows], device="cuda"),
+                top_p=torch.tensor([r[2] for r in rows], device="cuda"),
+                min_p=torch.tensor([r[3] for r in rows], device="cuda"))
+
+
+def reference_kept(y: torch.Tensor, p: dict) -> torch.Tensor:
+    """[N, V] bool: the tokens the torch reference keeps for penalised float32 logits y."""
+    t = torch.where(p["temperatures"] > 0, p["temperatures"], 1.0)
+    x = y / t[:, None]
+    x = apply_top_k_top_p(x, p["top_k"], p["top_p"])
+    return apply_min_p(x.softmax(-1), p["min_p"]) > 0
+
+
+def assert_kept_sets_agree(y: torch.Tensor, thr: torch.Tensor, p: dict) -> None:
+    """Top-k sets equal exactly; where top-p or min-p also cut, the sets may differ only by tokens
+    whose probabilities sum under 1e-5 (their cut-off is a float32 sum, rounded differently)."""
+    kernel = y >= key_to_float(thr)[:, None]
+    ref = reference_kept(y, p)
+    sampled = p["temperatures"] > 0
+    t = torch.where(sampled, p["temperatures"], 1.0)
+    probs = torch.softmax(y.double() / t[:, None], -1)
+    differ = (kernel != ref) & sampled[:, None]
+    pure_top_k = (p["top_p"] >= 1) & (p["min_p"] == 0)
+    assert not differ[pure_top_k].any(), "top-k sets differ"
+    mass = (probs * differ).sum(-1) / (probs * ref).sum(-1)
+    assert float(mass.max()) < 1e-5, f"kept sets differ by {float(mass.max()):.2e} of the mass"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1, 7, 64, 256])
+def test_gpu_kernel_thresholds_match_the_reference(n, dtype):
+    from myvllm.kernels.triton_sampling_filters import filtered_sample, thresholds_of
+
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    logits = gpu_logits(n, dtype, gen)
+    p = gpu_params(n)
+    seeds = torch.arange(n, dtype=torch.int64, device="cuda") * 1000003
+    args = (p["temperatures"], seeds, p["top_k"], p["top_p"], p["min_p"])
+    _, thr, done, _ = thresholds_of(logits, *args, None, None)
+    y = logits.float()
+    assert_kept_sets_agree(y, thr, p)
+    fast = (p["top_k"] <= QWEN3_VOCAB // 1024) & (p["temperatures"] > 0)
+    assert torch.equal(done.bool(), fast), "rows with top_k <= chunks take the candidate path"
+    tokens, _ = filtered_sample(logits, *args)
+    kept = reference_kept(y, p)
+    assert kept.gather(-1, tokens[:, None]).all()
+    greedy = p["temperatures"] == 0
+    assert torch.equal(tokens[greedy], y.argmax(-1)[greedy])
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_draws_the_filtered_distribution():
+    """10,240 draws of one row under Qwen3's sampling: chi-square over its kept tokens."""
+    from myvllm.kernels.triton_sampling_filters import filtered_sample
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    row = torch.randn(QWEN3_VOCAB, generator=gen, device="cuda")
+    row[:30] = torch.linspace(9.0, 8.0, 30, device="cuda")  # the top tokens, none far more likely than the rest
+    n, calls = 256, 40
+    p = dict(temperatures=torch.full((n,), 0.6, device="cuda"), top_k=torch.full((n,), 20, device="cuda"),
+             top_p=torch.full((n,), 0.95, device="cuda"), min_p=torch.zeros(n, device="cuda"))
+    logits = row.expand(n, -1).contiguous()
+    draws = torch.cat([filtered_sample(logits, p["temperatures"], torch.arange(n, device="cuda") + c * n,
+                                       p["top_k"], p["top_p"], None)[0] for c in range(calls)])
+    x = row.double() / 0.6
+    keep = reference_kept(row[None], {k: v[:1] for k, v in p.items()})[0]
+    probs = torch.where(keep, x, float("-inf")).softmax(-1)
+    counts = torch.bincount(draws, minlength=QWEN3_VOCAB).double()
+    assert counts[~keep].sum() == 0
+    expected = probs[keep] * draws.numel()
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    assert chi2 < chi2_critical(int(keep.sum()) - 1), chi2
+
+
+@pytest.mark.gpu
+def test_gpu_seeded_rows_do_not_depend_on_the_batch():
+    from myvllm.kernels.triton_sampling_filters import filtered_sample
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    row = gpu_logits(1, torch.bfloat16, gen)[0]
+    tokens = []
+    for n, pos in [(1, 0), (7, 3), (64, 63), (256, 100)]:
+        logits = gpu_logits(n, torch.bfloat16, gen)
+        logits[pos] = row
+        seeds = torch.randint(0, 1 << 40, (n,), generator=gen, device="cuda")
+        seeds[pos] = 777
+        p = gpu_params(n)
+        for key in ("temperatures", "top_k", "top_p", "min_p"):
+            p[key][pos] = p[key][0]  # Qwen3's sampling
+        out, _ = filtered_sample(logits, p["temperatures"], seeds, p["top_k"], p["top_p"], p["min_p"])
+        tokens.append(int(out[pos]))
+    assert len(set(tokens)) == 1, tokens
+
+
+def gpu_penalties(n: int, gen: torch.Generator):
+    from myvllm.kernels.triton_sampling import Penalties
+
+    counts = torch.zeros(n, QWEN3_VOCAB, device="cuda")
+    ids = torch.randint(0, QWEN3_VOCAB, (n, 300), generator=gen, device="cuda")
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    prompt = torch.zeros(n, QWEN3_VOCAB, dtype=torch.bool, device="cuda")
+    prompt.scatter_(1, torch.randint(0, QWEN3_VOCAB, (n, 500), generator=gen, device="cuda"), True)
+    return Penalties(counts, prompt, torch.full((n,), 1.5, device="cuda"), torch.full((n,), 0.3, device="cuda"),
+                     torch.full((n,), 1.05, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [7, 256])
+def test_gpu_kernel_penalties_match_the_reference(n):
+    from myvllm.kernels.triton_sampling_filters import filtered_sample, thresholds_of
+    from myvllm.sample.sampler import apply_penalties
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    logits = gpu_logits(n, torch.bfloat16, gen)
+    pen = gpu_penalties(n, gen)
+    # the hottest tokens are penalised, so that penalties change the top-k
+    pen.output_counts[:, logits[0].float().topk(10).indices] = 2.0
+    st = SamplingMetadata(all_greedy=False, output_counts=pen.output_counts, prompt_mask=pen.prompt_mask,
+                          presence_penalties=pen.presence, frequency_penalties=pen.frequency,
+                          repetition_penalties=pen.repetition)
+    y = apply_penalties(logits, st)
+    p = gpu_params(n)
+    seeds = torch.arange(n, dtype=torch.int64, device="cuda")
+    args = (p["temperatures"], seeds, p["top_k"], p["top_p"], p["min_p"], pen)
+    _, thr, _, _ = thresholds_of(logits, *args, None)
+    assert_kept_sets_agree(y, thr, p)
+    tokens, _ = filtered_sample(logits, *args)
+    assert reference_kept(y, p).gather(-1, tokens[:, None]).all()
+    greedy = p["temperatures"] == 0
+    assert torch.equal(tokens[greedy], y.argmax(-1)[greedy])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1, 64, 256])
+def test_gpu_kernel_logprobs_match_the_reference(n, dtype):
+    from myvllm.kernels.triton_sampling_filters import filtered_sample, token_logprobs
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    logits = gpu_logits(n, dtype, gen)
+    p = gpu_params(n)
+    tokens, stats = filtered_sample(logits, p["temperatures"], torch.arange(n, device="cuda"), p["top_k"],
+                                    p["top_p"], p["min_p"], None, 5)
+    logprobs, ranks, top_logprobs, top_ids = token_logprobs(logits, tokens, 5, stats)
+    raw = torch.log_softmax(logits.float(), -1)
+    assert torch.allclose(logprobs, raw.gather(-1, tokens[:, None])[:, 0], atol=1e-5)
+    chosen = logits.float().gather(-1, tokens[:, None])
+    assert torch.equal(ranks, (logits.float() > chosen).sum(-1) + 1)
+    ref_top = raw.topk(5, dim=-1).values
+    assert torch.allclose(top_logprobs, ref_top, atol=1e-5)
+    assert torch.allclose(raw.gather(-1, top_ids), ref_top, atol=1e-5)  # ids of those values (ties in any order)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_replay_in_a_cuda_graph():
+    """Sampling with filters, penalties and logprobs captured once replays the eager tokens."""
+    from capture_util import capture_outputs
+
+    from myvllm.kernels.triton_sampling_filters import filtered_sample, token_logprobs
+
+    n = 64
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    logits = gpu_logits(n, torch.bfloat16, gen)
+    p = gpu_params(n)
+    pen = gpu_penalties(n, gen)
+    seeds = torch.randint(0, 1 << 40, (n,), generator=gen, device="cuda")
+
+    def step():
+        tokens, stats = filtered_sample(logits, p["temperatures"], seeds, p["top_k"], p["top_p"], p["min_p"], pen, 5)
+        return tokens, token_logprobs(logits, tokens, 5, stats)
+
+    eager_tokens, eager_lp = step()
+    graph, (tokens, lp) = capture_outputs(step)
+    tokens.fill_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(tokens, eager_tokens)
+    assert torch.equal(lp[0], eager_lp[0]) and torch.equal(lp[1], eager_lp[1])
+    seeds += 1  # new seeds, read by the replay: new draws, still inside the kept sets
+    graph.replay()
+    assert not torch.equal(tokens, eager_tokens)
+
+
+@pytest.mark.gpu
+def test_gpu_sampler_uses_the_kernels_with_penalties_and_logprobs():
+    """The Sampler on the fused path: tokens inside the reference's kept sets, logprobs of the
+    raw logits, the sampled tokens counted."""
+    n = 32
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    logits = gpu_logits(n, torch.bfloat16, gen)
+    p = gpu_params(n)
+    pen = gpu_penalties(n, gen)
+    st = SamplingMetadata(all_greedy=False, top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"], num_logprobs=3,
+                          fused_temperatures=p["temperatures"],
+                          fused_seeds=torch.arange(2 * n, device="cuda").view(2, n),
+                          output_counts=pen.output_counts.clone(), prompt_mask=pen.prompt_mask,
+                          presence_penalties=pen.presence, frequency_penalties=pen.frequency,
+                          repetition_penalties=pen.repetition)
+    from myvllm.sample.sampler import apply_penalties
+
+    y = apply_penalties(logits, st)
+    out = Sampler()(logits, st, pass_index=1)
+    assert reference_kept(y, p).gather(-1, out.token_ids[:, None]).all()
+    raw = torch.log_softmax(logits.float(), -1)
+    assert torch.allclose(out.logprobs, raw.gather(-1, out.token_ids[:, None])[:, 0], atol=1e-5)
+    assert torch.allclose(out.top_logprobs, raw.topk(3, -1).values, atol=1e-5)
+    rows = torch.arange(n, device="cuda")
+    assert torch.equal(st.output_counts[rows, out.token_ids], pen.output_counts[rows, out.token_ids] + 1)
