@@ -15,10 +15,10 @@ order_key), so they compare exactly as the float32 values do.
 Kernels, each on a grid fixed by N and V (no host sync, CUDA-graph safe):
   1. stats (N, C): per chunk of CHUNK tokens, max y; with logprobs the raw logits' max, sum of
      exp, and the chunk's largest raw logits.
-  2. gather (N, C), rows with 1 <= top_k <= C: the k-th largest chunk maximum L is a lower bound
-     of the k-th largest y (k chunks reach it), so the tokens with y >= L, found only in the
-     chunks whose maximum reaches L, hold every top-k token. They are appended to a per-row list
-     of CAP candidates.
+  2. bound (N,) and gather (N, C), rows with 1 <= top_k <= C: the k-th largest chunk maximum L
+     is a lower bound of the k-th largest y (k chunks reach it), so the tokens with y >= L, found
+     only in the chunks whose maximum reaches L, hold every top-k token. They are appended to a
+     per-row list of CAP candidates.
   3. select (N,): a row whose candidates fit finds its thresholds by sorting them (CAP entries)
      and draws its token among them. Another row with top-k or top-p finds its thresholds by
      bisection over the order keys of the whole row (one pass over the row per step; exact,
@@ -100,34 +100,45 @@ def _stats_kernel(
 
 
 @triton.jit
+def _bound_kernel(
+    temperatures_ptr, top_k_ptr,
+    ymax_ptr,  # [N, C] float32
+    bound_ptr,  # [N] float32 out: the k-th largest chunk maximum, +inf where the row gathers nothing
+    vocab_size, num_chunks,
+    CHUNKS_PAD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    k = tl.minimum(tl.load(top_k_ptr + row), vocab_size).to(tl.int32)
+    pos = tl.arange(0, CHUNKS_PAD)
+    maxima = tl.load(ymax_ptr + row * num_chunks + pos, mask=pos < num_chunks, other=float("-inf"))
+    bound = tl.sum(tl.where(pos == k - 1, tl.sort(maxima, descending=True), 0.0), 0)
+    gathers = (k <= num_chunks) & (tl.load(temperatures_ptr + row) > 0.0)
+    tl.store(bound_ptr + row, tl.where(gathers, bound, float("inf")))
+
+
+@triton.jit
 def _gather_kernel(
     logits_ptr, stride_row,
     counts_ptr, prompt_ptr, presence_ptr, frequency_ptr, repetition_ptr,
-    temperatures_ptr, top_k_ptr,
-    ymax_ptr, cand_count_ptr, cand_val_ptr, cand_idx_ptr,
+    bound_ptr, ymax_ptr, cand_count_ptr, cand_val_ptr, cand_idx_ptr,
     vocab_size, num_chunks,
-    CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, CAP: tl.constexpr,
+    CHUNK: tl.constexpr, CAP: tl.constexpr,
     HAS_PEN: tl.constexpr, HAS_REP: tl.constexpr,
 ):
     row = tl.program_id(0)
     c = tl.program_id(1)
-    k = tl.minimum(tl.load(top_k_ptr + row), vocab_size).to(tl.int32)
-    temperature = tl.load(temperatures_ptr + row)
-    if (k <= num_chunks) & (temperature > 0.0):
-        pos = tl.arange(0, CHUNKS_PAD)
-        maxima = tl.load(ymax_ptr + row * num_chunks + pos, mask=pos < num_chunks, other=float("-inf"))
-        bound = tl.sum(tl.where(pos == k - 1, tl.sort(maxima, descending=True), 0.0), 0)
-        if tl.load(ymax_ptr + row * num_chunks + c) >= bound:
-            offs = c * CHUNK + tl.arange(0, CHUNK)
-            mask = offs < vocab_size
-            _, y = penalised(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, offs, mask,
-                             presence_ptr, frequency_ptr, repetition_ptr, HAS_PEN, HAS_REP)
-            sel = (mask & (y >= bound)).to(tl.int32)
-            base = tl.atomic_add(cand_count_ptr + row, tl.sum(sel, 0))
-            slot = base + tl.cumsum(sel, 0) - 1
-            keep = (sel != 0) & (slot < CAP)
-            tl.store(cand_val_ptr + row * CAP + slot, y, mask=keep)
-            tl.store(cand_idx_ptr + row * CAP + slot, offs, mask=keep)
+    bound = tl.load(bound_ptr + row)
+    if tl.load(ymax_ptr + row * num_chunks + c) >= bound:
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < vocab_size
+        _, y = penalised(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, offs, mask,
+                         presence_ptr, frequency_ptr, repetition_ptr, HAS_PEN, HAS_REP)
+        sel = (mask & (y >= bound)).to(tl.int32)
+        base = tl.atomic_add(cand_count_ptr + row, tl.sum(sel, 0))
+        slot = base + tl.cumsum(sel, 0) - 1
+        keep = (sel != 0) & (slot < CAP)
+        tl.store(cand_val_ptr + row * CAP + slot, y, mask=keep)
+        tl.store(cand_idx_ptr + row * CAP + slot, offs, mask=keep)
 
 
 @triton.jit
@@ -342,10 +353,11 @@ def thresholds_of(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     cand_val = torch.empty(n, CAP, dtype=torch.float32, device=logits.device)
     cand_idx = torch.empty(n, CAP, dtype=torch.int32, device=logits.device)
     if top_k is not None:
-        _gather_kernel[(n, num_chunks)](logits, logits.stride(0), *pen, temperatures, top_k, ymax, cand_count,
-                                        cand_val, cand_idx, vocab, num_chunks, CHUNK=CHUNK, CHUNKS_PAD=chunks_pad,
-                                        CAP=CAP, HAS_PEN=has_pen, HAS_REP=has_rep, num_warps=4,
-                                        enable_fp_fusion=False)
+        bound = torch.empty(n, dtype=torch.float32, device=logits.device)
+        _bound_kernel[(n,)](temperatures, top_k, ymax, bound, vocab, num_chunks, CHUNKS_PAD=chunks_pad, num_warps=2)
+        _gather_kernel[(n, num_chunks)](logits, logits.stride(0), *pen, bound, ymax, cand_count, cand_val, cand_idx,
+                                        vocab, num_chunks, CHUNK=CHUNK, CAP=CAP, HAS_PEN=has_pen, HAS_REP=has_rep,
+                                        num_warps=4, enable_fp_fusion=False)
     thresholds = torch.empty(n, dtype=torch.int32, device=logits.device)
     done = torch.empty(n, dtype=torch.int32, device=logits.device)
     _, sub = chunk_layout(vocab)
