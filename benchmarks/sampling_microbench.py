@@ -8,6 +8,7 @@ the decode graph's replay) on each path:
     top-k sort; the sorting-free kernels;
   - penalties (qwen3 + presence 1.5 + repetition 1.05, 200 prompt and 100 output tokens per
     row): the same three;
+  - top_p 0.9 alone: the torch path; the kernels' whole-row bisection (not used by the engine);
   - logprobs=5 on temperature sampling and on qwen3: the torch log_softmax path; the kernels.
 
 Times are medians over repeats of CUDA-event timings of 50 back-to-back calls.
@@ -55,7 +56,7 @@ def penalty_fields(n: int, gen: torch.Generator) -> dict:
                 repetition_penalties=torch.full((n,), 1.05, device="cuda"))
 
 
-def metadata(n: int, path: str, filters: bool, penalties: bool, logprobs: int | None,
+def metadata(n: int, path: str, filters: bool | str, penalties: bool, logprobs: int | None,
              gen: torch.Generator) -> SamplingMetadata:
     """path: "torch-full" (full sort), "torch-partial" (top-k sort), "kernel"."""
     temps = torch.full((n,), 0.6, device="cuda")
@@ -66,7 +67,9 @@ def metadata(n: int, path: str, filters: bool, penalties: bool, logprobs: int | 
     else:
         meta.temperatures = temps
         meta.generator = torch.Generator(device="cuda").manual_seed(0)
-    if filters:
+    if filters == "top_p":
+        meta.top_p = torch.full((n,), 0.9, device="cuda")
+    elif filters:
         meta.top_k = torch.full((n,), 20, dtype=torch.int64, device="cuda")
         meta.top_p = torch.full((n,), 0.95, device="cuda")
         meta.max_top_k = 20 if path != "torch-full" else None
@@ -95,12 +98,14 @@ CASES = {  # name: (filters, penalties, logprobs, paths)
     "temperature": (False, False, None, ["torch-full", "kernel"]),
     "qwen3": (True, False, None, ["torch-full", "torch-partial", "kernel"]),
     "penalties": (True, True, None, ["torch-full", "torch-partial", "kernel"]),
+    # top_p alone: the engine samples such batches on the torch path; the kernels bisect each row
+    "top_p0.9-only": ("top_p", False, None, ["torch-full", "kernel"]),
     "temperature+logprobs5": (False, False, 5, ["kernel+torch-logprobs", "kernel"]),
     "qwen3+logprobs5": (True, False, 5, ["torch-partial", "kernel+torch-logprobs", "kernel"]),
 }
 
 
-def run_case(n: int, filters: bool, penalties: bool, logprobs: int | None, path: str) -> float:
+def run_case(n: int, filters: bool | str, penalties: bool, logprobs: int | None, path: str) -> float:
     gen = torch.Generator(device="cuda").manual_seed(n)
     logits = make_logits(n, gen)
     torch_logprobs = path != "kernel"

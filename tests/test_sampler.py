@@ -688,3 +688,28 @@ def test_gpu_sampler_uses_the_kernels_with_penalties_and_logprobs():
     assert torch.allclose(out.top_logprobs, raw.topk(3, -1).values, atol=1e-5)
     rows = torch.arange(n, device="cuda")
     assert torch.equal(st.output_counts[rows, out.token_ids], pen.output_counts[rows, out.token_ids] + 1)
+
+
+def test_the_builder_gives_the_kernels_only_batches_they_filter_from_candidates():
+    """On the kernel path (as on CUDA): temperature, min-p and top_k <= the candidate limit (with
+    any top_p) go to the kernels; a row with top_p < 1 and no small top_k sends its batch to the
+    torch path; grammar rows too."""
+    from myvllm.runtime.sequence import Sequence
+    from myvllm.sample.metadata import SamplingMetadataBuilder
+    from myvllm.sampling_params import SamplingParams
+
+    builder = SamplingMetadataBuilder(torch.device("cpu"), vocab_size=151936, seed=0)
+    builder.kernels, builder.kernel_top_k_limit = True, 149
+
+    def fused(*params: dict) -> bool:
+        seqs = [Sequence(i, str(i), [1, 2], SamplingParams(**p)) for i, p in enumerate(params)]
+        return builder.build(seqs).fused_seeds is not None
+
+    qwen3 = dict(temperature=0.6, top_k=20, top_p=0.95)
+    assert fused(qwen3, dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, min_p=0.1))
+    assert fused(dict(temperature=0.6, top_k=149, top_p=0.5), dict(temperature=0.6, top_k=5))
+    assert not fused(qwen3, dict(temperature=1.0, top_p=0.9))
+    assert not fused(qwen3, dict(temperature=1.0, top_k=150))
+    assert fused(qwen3, dict(temperature=0.0, top_p=0.9))  # a greedy row filters nothing
+    meta = builder.build([Sequence(0, "0", [1], SamplingParams(**qwen3))])
+    assert meta.top_k.tolist() == [20] and meta.top_p.tolist() == [pytest.approx(0.95)] and meta.min_p is None

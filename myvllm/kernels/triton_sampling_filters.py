@@ -53,6 +53,11 @@ BLOCK = 1024  # vocab entries per step of the select kernel's whole-row bisectio
 KEEP_ALL = tl.constexpr(-2147483648)  # order key below every float32's
 
 
+def candidate_top_k_limit(vocab_size: int) -> int:
+    """The largest top_k whose thresholds come from the candidate list (one per stats chunk)."""
+    return triton.cdiv(vocab_size, CHUNK)
+
+
 @dataclass
 class RawStats:
     """Per-chunk statistics of the raw logits [N, V] (before penalties), for their logprobs."""

@@ -5,15 +5,16 @@ call counter (unseeded rows), and one generator per seeded sequence on the maske
 builds a batch's metadata with one host-to-device copy per tensor and no host sync.
 
 Two sampling paths read it (see sample/sampler.py):
-  - fused (CUDA, no grammar-constrained row): Triton kernels that apply penalties, top-k,
-    top-p and min-p as they read the logits and draw by Gumbel-max, their uniforms from
+  - fused (CUDA, no grammar-constrained row, and every row with top_p < 1 or a top_k has a
+    top_k <= the kernels' candidate limit, V / 1024): Triton kernels that apply penalties,
+    top-k, top-p and min-p as they read the logits and draw by Gumbel-max, their uniforms from
     per-row Philox seeds (`fused_seeds`, one row of seeds per pass);
   - masked (otherwise): temperature, masks, and an exponential race whose draws come from
     the engine generator, or a seeded sequence's own generator.
-Either way a seeded sequence's tokens depend only on its seed and its token index, never
-on the rest of the batch. Penalties, when a row asks for them, read each row's output-token
-counts [N, V] on the device; the sampler adds every pass's token to them, so the passes of
-one decode batch see each other's tokens without a host sync.
+On either path a seeded sequence's tokens depend only on its seed and its token index, never
+on the rest of the batch (the two paths draw differently). Penalties, when a row asks for
+them, read each row's output-token counts [N, V] on the device; the sampler adds every pass's
+token to them, so the passes of one decode batch see each other's tokens without a host sync.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class SamplingMetadataBuilder:
         self.seq_generators: dict[int, torch.Generator] = {}
         self.num_passes_sampled = 0
         self.kernels = device.type == "cuda" and _kernels_support(vocab_size, device)
+        self.kernel_top_k_limit = _kernel_top_k_limit(vocab_size) if self.kernels else 0
+        self.logged_torch_filters = False
 
     def build(self, seqs: list[Sequence], num_passes: int = 1) -> SamplingMetadata:
         """Metadata for sampling seqs' next num_passes tokens (one pass each of a decode window)."""
@@ -92,7 +95,7 @@ class SamplingMetadataBuilder:
         if not meta.all_greedy:
             temps = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
             # constrained logits are float32 copies: they take the torch path
-            if self.kernels and not constrained:
+            if self.kernels and not constrained and self._kernel_filters_fit(params):
                 temps[greedy] = 0.0
                 meta.fused_temperatures = host_to_device(temps, dev)
                 meta.fused_seeds = host_to_device(self._row_seeds(seqs, num_passes), dev)
@@ -138,6 +141,18 @@ class SamplingMetadataBuilder:
         self._add_filters(meta, params)
         seeded = [(i, self._generator_for(s)) for i, s in enumerate(seqs) if s.seed is not None and not greedy[i]]
         meta.seeded = seeded or None
+
+    def _kernel_filters_fit(self, params: list) -> bool:
+        """Whether the kernels find every row's thresholds from a short candidate list: rows with
+        top_p < 1 or a top_k need a top_k <= kernel_top_k_limit (others would bisect their
+        whole row, slower than the torch path's sort); logged once when they do not."""
+        fit = all(p.is_greedy or (p.top_k_enabled and p.top_k <= self.kernel_top_k_limit)
+                  or (not p.top_k_enabled and p.top_p >= 1.0) for p in params)
+        if not fit and not self.logged_torch_filters:
+            self.logged_torch_filters = True
+            logger.info("batches with top_p < 1 or top_k > %d without a smaller top_k sample on the torch path",
+                        self.kernel_top_k_limit)
+        return fit
 
     def _add_filters(self, meta: SamplingMetadata, params: list) -> None:
         """top-k / top-p / min-p per row, each only when some row uses it."""
@@ -196,3 +211,9 @@ def _kernels_support(vocab_size: int, device: torch.device) -> bool:
     if reason is not None:
         logger.info("sampling kernels not used (%s): the torch sampler runs", reason)
     return reason is None
+
+
+def _kernel_top_k_limit(vocab_size: int) -> int:
+    from myvllm.kernels.triton_sampling_filters import candidate_top_k_limit
+
+    return candidate_top_k_limit(vocab_size)
