@@ -713,3 +713,19 @@ def test_the_builder_gives_the_kernels_only_batches_they_filter_from_candidates(
     assert fused(qwen3, dict(temperature=0.0, top_p=0.9))  # a greedy row filters nothing
     meta = builder.build([Sequence(0, "0", [1], SamplingParams(**qwen3))])
     assert meta.top_k.tolist() == [20] and meta.top_p.tolist() == [pytest.approx(0.95)] and meta.min_p is None
+
+
+@pytest.mark.gpu
+def test_gpu_greedy_with_penalties_takes_the_argmax_of_the_penalised_logits():
+    from myvllm.sample.sampler import apply_penalties
+
+    n = 64
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    logits = gpu_logits(n, torch.bfloat16, gen)
+    pen = gpu_penalties(n, gen)
+    pen.output_counts[:, logits[0].float().topk(10).indices] = 3.0  # the penalties move the argmax
+    st = SamplingMetadata(all_greedy=True, output_counts=pen.output_counts.clone(), prompt_mask=pen.prompt_mask,
+                          presence_penalties=pen.presence, frequency_penalties=pen.frequency,
+                          repetition_penalties=pen.repetition)
+    expected = apply_penalties(logits, st).argmax(-1)
+    assert torch.equal(Sampler()(logits, st).token_ids, expected)

@@ -3,15 +3,19 @@
 Per row, in this order: penalties (repetition, then frequency and presence, vLLM's order);
 tokens banned until `min_tokens` is reached get -inf;
 greedy rows take the argmax; the others divide by their temperature, keep the
-top_k logits, keep the smallest set of tokens whose probability reaches top_p,
-drop tokens under min_p times the largest probability, and sample. Sampling uses
+top_k logits, keep the smallest set of tokens whose probability reaches top_p (ties at
+either cut-off kept, see apply_top_k_top_p), drop tokens under min_p times the largest
+probability, and sample. Sampling uses
 the exponential race (argmax of p / E with E ~ Exp(1)), which draws from p
 exactly and needs no host sync; a row with its own seed draws its E from its own
 generator, so its tokens do not depend on what else is in the batch.
 
-On CUDA, rows that need no top-k/top-p/min-p masks are sampled instead by one fused
-Gumbel-max kernel (kernels/triton_sampling.py), which reads the logits once; its
-uniforms come from a per-row seed, so seeded rows are batch-independent there too.
+On CUDA (SamplingMetadata.fused_seeds set) the rows are sampled instead by Triton kernels
+(kernels/triton_sampling.py, kernels/triton_sampling_filters.py) that apply the penalties as
+they read the logits, turn top-k / top-p / min-p into per-row thresholds without sorting the
+vocabulary, and draw by Gumbel-max among the tokens above them; their uniforms come from a
+per-row seed, so seeded rows are batch-independent there too. The kernels keep the same
+tokens as the reference, ties at the cut-offs included; logprobs come from the same read.
 
 Log-probabilities are those of the raw model distribution (before temperature
 and masks), as vLLM reports them by default.
@@ -126,7 +130,10 @@ class Sampler(nn.Module):
         fast_logprobs = st.num_logprobs is not None and logits_kernels_support(logits)
         if st.num_logprobs is not None and not fast_logprobs:
             raw = torch.log_softmax(logits.float(), dim=-1)
-        if st.output_counts is not None and not fused:
+        # greedy batches with penalties take the argmax of the penalised logits by kernel too
+        greedy_kernel = (st.all_greedy and st.output_counts is not None and st.grammar_bitmask is None
+                         and logits_kernels_support(logits))
+        if st.output_counts is not None and not (fused or greedy_kernel):
             logits = apply_penalties(logits, st)
         if st.grammar_bitmask is not None:
             from myvllm.sample.structured import apply_bitmask
@@ -137,7 +144,12 @@ class Sampler(nn.Module):
             neg_inf = torch.full((), float("-inf"), device=logits.device)  # a device fill, no host copy
             logits = logits.index_put((st.banned_rows, st.banned_tokens), neg_inf)
         stats = None
-        if st.all_greedy:
+        if greedy_kernel:
+            from myvllm.kernels.triton_sampling import gumbel_sample
+
+            zeros = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+            out.token_ids = gumbel_sample(logits.contiguous(), zeros.float(), zeros, penalties=kernel_penalties(st))
+        elif st.all_greedy:
             out.token_ids = logits.argmax(dim=-1)
         elif fused:
             from myvllm.kernels.triton_sampling_filters import filtered_sample
