@@ -332,19 +332,21 @@ def key_to_float(keys: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Kernel tiles for a 12-token vocabulary: three stats chunks, room for four candidates."""
+    """Kernel tiles for a 12-token vocabulary: three stats chunks, room for four candidates (eight
+    in batches with top-p and no top-k)."""
     from myvllm.kernels import triton_sampling_filters as kernels
 
     monkeypatch.setattr(kernels, "CHUNK", 4)
     monkeypatch.setattr(kernels, "CAP", 4)
+    monkeypatch.setattr(kernels, "CAP_LARGE", 8)
     monkeypatch.setattr(kernels, "BLOCK", 8)
     return kernels
 
 
 @needs_triton
 def test_kernel_thresholds_keep_exactly_the_filtered_set(small_chunks):
-    """Every filter case, on the candidate path (top_k <= 3 chunks, <= 4 candidates) and on the
-    bisection path (larger top_k, no top_k, or too many candidates)."""
+    """Every filter case, on the candidate path (top_k <= 3 chunks, or top_p alone, with <= 4
+    candidates) and on the bisection path (larger top_k, or too many candidates)."""
     rows = [(t, k, p, m) for t, k, p, m in FILTER_CASES] + [(1.0, 3, 0.6, None), (0.5, 1, None, None),
                                                           (1.0, 3, None, None)]
     n = len(rows)
@@ -357,10 +359,26 @@ def test_kernel_thresholds_keep_exactly_the_filtered_set(small_chunks):
     dev = DEVICE
     _, thr, done, _ = small_chunks.thresholds_of(logits.to(dev), temps.to(dev), torch.arange(n).to(dev),
                                                  top_k.to(dev), top_p.to(dev), min_p.to(dev), None, None)
-    assert done.tolist()[:2] == [1, 0] and done[-3] == 1 and done[-1] == 0  # both paths ran
+    assert done.tolist()[:5] == [1, 0, 0, 1, 0] and done[-3] == 1 and done[-1] == 0  # both paths ran
     kept_by_kernel = logits >= key_to_float(thr.cpu())[:, None]
     for i, (t, k, p, m) in enumerate(rows):
         assert torch.equal(kept_by_kernel[i], filtered_probs(logits[i], t, k, p, m) > 0), rows[i]
+
+
+@needs_triton
+def test_kernel_top_p_alone_sorts_a_wide_nucleus_in_the_large_tile(small_chunks):
+    """Without top-k in the batch, up to CAP_LARGE (8) candidates are sorted; more bisect."""
+    logits = torch.stack([TIED / 2, TIED / 4, TIED])
+    temps = torch.ones(3)
+    top_p = torch.tensor([0.7, 0.99, 0.45])
+    dev = DEVICE
+    _, thr, done, _ = small_chunks.thresholds_of(logits.to(dev), temps.to(dev), torch.arange(3).to(dev), None,
+                                                 top_p.to(dev), None, None, None)
+    kept_by_kernel = logits >= key_to_float(thr.cpu())[:, None]
+    for i in range(3):
+        assert torch.equal(kept_by_kernel[i], filtered_probs(logits[i], 1.0, None, float(top_p[i])) > 0), i
+    assert done.tolist() == [1, 0, 1]
+    assert int(kept_by_kernel[0].sum()) > 4  # more than the small tile holds
 
 
 @needs_triton
@@ -492,9 +510,9 @@ def reference_kept(y: torch.Tensor, p: dict) -> torch.Tensor:
     return apply_min_p(x.softmax(-1), p["min_p"]) > 0
 
 
-def assert_kept_sets_agree(y: torch.Tensor, thr: torch.Tensor, p: dict) -> None:
+def assert_kept_sets_agree(y: torch.Tensor, thr: torch.Tensor, p: dict, tol: float = 1e-5) -> None:
     """Top-k sets equal exactly; where top-p or min-p also cut, the sets may differ only by tokens
-    whose probabilities sum under 1e-5 (their cut-off is a float32 sum, rounded differently)."""
+    whose probabilities sum under tol (their cut-off is a float32 sum, rounded differently)."""
     kernel = y >= key_to_float(thr)[:, None]
     ref = reference_kept(y, p)
     sampled = p["temperatures"] > 0
@@ -504,7 +522,7 @@ def assert_kept_sets_agree(y: torch.Tensor, thr: torch.Tensor, p: dict) -> None:
     pure_top_k = (p["top_p"] >= 1) & (p["min_p"] == 0)
     assert not differ[pure_top_k].any(), "top-k sets differ"
     mass = (probs * differ).sum(-1) / (probs * ref).sum(-1)
-    assert float(mass.max()) < 1e-5, f"kept sets differ by {float(mass.max()):.2e} of the mass"
+    assert float(mass.max()) < tol, f"kept sets differ by {float(mass.max()):.2e} of the mass"
 
 
 @pytest.mark.gpu
@@ -521,8 +539,9 @@ def test_gpu_kernel_thresholds_match_the_reference(n, dtype):
     _, thr, done, _ = thresholds_of(logits, *args, None, None)
     y = logits.float()
     assert_kept_sets_agree(y, thr, p)
-    fast = (p["top_k"] <= QWEN3_VOCAB // 1024) & (p["temperatures"] > 0)
-    assert torch.equal(done.bool(), fast), "rows with top_k <= chunks take the candidate path"
+    nucleus = (p["top_k"] >= QWEN3_VOCAB) & (p["top_p"] < 1)
+    fast = ((p["top_k"] <= QWEN3_VOCAB // 1024) | nucleus) & (p["temperatures"] > 0)
+    assert torch.equal(done.bool(), fast), "rows with top_k <= chunks or top_p alone take the candidate path"
     tokens, _ = filtered_sample(logits, *args)
     kept = reference_kept(y, p)
     assert kept.gather(-1, tokens[:, None]).all()
@@ -691,9 +710,8 @@ def test_gpu_sampler_uses_the_kernels_with_penalties_and_logprobs():
 
 
 def test_the_builder_gives_the_kernels_only_batches_they_filter_from_candidates():
-    """On the kernel path (as on CUDA): temperature, min-p and top_k <= the candidate limit (with
-    any top_p) go to the kernels; a row with top_p < 1 and no small top_k sends its batch to the
-    torch path; grammar rows too."""
+    """On the kernel path (as on CUDA): temperature, min-p, top-p and top_k <= the candidate limit
+    go to the kernels; a row with a larger top_k sends its batch to the torch path."""
     from myvllm.runtime.sequence import Sequence
     from myvllm.sample.metadata import SamplingMetadataBuilder
     from myvllm.sampling_params import SamplingParams
@@ -708,9 +726,9 @@ def test_the_builder_gives_the_kernels_only_batches_they_filter_from_candidates(
     qwen3 = dict(temperature=0.6, top_k=20, top_p=0.95)
     assert fused(qwen3, dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, min_p=0.1))
     assert fused(dict(temperature=0.6, top_k=149, top_p=0.5), dict(temperature=0.6, top_k=5))
-    assert not fused(qwen3, dict(temperature=1.0, top_p=0.9))
+    assert fused(qwen3, dict(temperature=1.0, top_p=0.9))
     assert not fused(qwen3, dict(temperature=1.0, top_k=150))
-    assert fused(qwen3, dict(temperature=0.0, top_p=0.9))  # a greedy row filters nothing
+    assert fused(qwen3, dict(temperature=0.0, top_k=150))  # a greedy row filters nothing
     meta = builder.build([Sequence(0, "0", [1], SamplingParams(**qwen3))])
     assert meta.top_k.tolist() == [20] and meta.top_p.tolist() == [pytest.approx(0.95)] and meta.min_p is None
 
@@ -729,3 +747,27 @@ def test_gpu_greedy_with_penalties_takes_the_argmax_of_the_penalised_logits():
                           repetition_penalties=pen.repetition)
     expected = apply_penalties(logits, st).argmax(-1)
     assert torch.equal(Sampler()(logits, st).token_ids, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_wide_nuclei_take_the_large_tile_or_bisection():
+    """top_p alone over a head of 3000 likely tokens (more candidates than the small tile holds)
+    and over a flat row (more than any tile holds: bisection)."""
+    from myvllm.kernels import triton_sampling_filters as kernels
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    logits = torch.randn(3, QWEN3_VOCAB, generator=gen, device="cuda")
+    head = torch.randperm(QWEN3_VOCAB, generator=gen, device="cuda")[:3000]
+    logits[:2, head] = 10 + 0.3 * torch.randn(2, 3000, generator=gen, device="cuda")
+    logits[2] *= 0.3
+    p = dict(temperatures=torch.tensor([1.0, 0.8, 1.0], device="cuda"),
+             top_k=torch.full((3,), QWEN3_VOCAB, device="cuda"), top_p=torch.tensor([0.9, 0.6, 0.9], device="cuda"),
+             min_p=torch.zeros(3, device="cuda"))
+    seeds = torch.arange(3, device="cuda")
+    _, thr, done, _ = kernels.thresholds_of(logits, p["temperatures"], seeds, None, p["top_p"], None, None, None)
+    kept = logits >= key_to_float(thr)[:, None]
+    assert done.tolist() == [1, 1, 0]
+    assert kernels.CAP < int(kept[0].sum()) <= kernels.CAP_LARGE
+    assert_kept_sets_agree(logits, thr, p, tol=1e-4)
+    tokens, _ = kernels.filtered_sample(logits, p["temperatures"], seeds, None, p["top_p"], None)
+    assert kept.gather(-1, tokens[:, None]).all()

@@ -15,16 +15,23 @@ order_key), so they compare exactly as the float32 values do.
 Kernels, each on a grid fixed by N and V (no host sync, CUDA-graph safe):
   1. stats (N, C): per chunk of CHUNK tokens, max y; with logprobs the raw logits' max, sum of
      exp, and the chunk's largest raw logits.
-  2. bound (N,) and gather (N, C), rows with 1 <= top_k <= C: the k-th largest chunk maximum L
-     is a lower bound of the k-th largest y (k chunks reach it), so the tokens with y >= L, found
-     only in the chunks whose maximum reaches L, hold every top-k token. They are appended to a
-     per-row list of CAP candidates.
-  3. select (N,): a row whose candidates fit finds its thresholds by sorting them (CAP entries)
-     and draws its token among them. Another row with top-k or top-p finds its thresholds by
-     bisection over the order keys of the whole row (one pass over the row per step; exact,
-     slower); a row with min-p alone needs only max(y).
-  4. the Gumbel kernel of triton_sampling.py over the whole vocabulary for the rows not drawn
-     in 3, restricted to their thresholds. Both draws use the same uniform per (seed, token), so
+  2. a lower bound L of the row's kept logits, so that few tokens reach it:
+     - rows with 1 <= top_k <= C (bound, N): the k-th largest chunk maximum (k chunks reach it,
+       so the k-th largest y does);
+     - top-p rows without top-k (hist, (N, C), then bound): a histogram of (max y - y) / T in
+       BIN_WIDTH bins with the row's exact mass; L is where the tokens above surely hold top_p
+       of the mass (a bin's tokens weigh at least exp(-(bin + 1) x width)), one bin deeper for
+       rounding. Every token below L has at least top_p of the mass above it.
+  3. gather (N, C): the tokens with y >= L, read only in the chunks whose maximum reaches L,
+     appended to a per-row list of at most CAP candidates (CAP_LARGE in batches with top-p
+     and no top-k).
+  4. select (N,): a row whose candidates fit sorts them (in a CAP tile, or a CAP_LARGE one),
+     finds its thresholds and draws its token among them. Another row with top-k or top-p
+     (a top_k > C, or too many candidates) finds its thresholds by bisection over the order
+     keys of its whole row (one pass over the row per step: exact, slow); a row with min-p
+     alone needs only max(y).
+  5. the Gumbel kernel of triton_sampling.py over the whole vocabulary for the rows not drawn
+     in 4, restricted to their thresholds. Both draws use the same uniform per (seed, token), so
      a row's token does not depend on which path drew it, nor on the batch.
 """
 
@@ -48,9 +55,14 @@ from myvllm.kernels.triton_sampling import (
 )
 
 CHUNK = 1024  # vocab entries per stats / gather program
-CAP = 1024  # candidates per row sorted by the select kernel
+CAP = 1024  # candidates per row the select kernel sorts
+# With top_p and no top_k in the batch, a wide nucleus gets a second, larger tile (compiled only
+# for such batches: its sort takes long to compile).
+CAP_LARGE = 4096
 BLOCK = 1024  # vocab entries per step of the select kernel's whole-row bisection
 KEEP_ALL = tl.constexpr(-2147483648)  # order key below every float32's
+BINS = 128  # bins of the top-p mass histogram, BIN_WIDTH nats of probability each (the last open)
+BIN_WIDTH = 0.125
 
 
 def candidate_top_k_limit(vocab_size: int) -> int:
@@ -105,20 +117,87 @@ def _stats_kernel(
 
 
 @triton.jit
-def _bound_kernel(
-    temperatures_ptr, top_k_ptr,
+def _nucleus_rows(temperatures_ptr, top_k_ptr, top_p_ptr, row, vocab_size, HAS_TOP_K: tl.constexpr):
+    """Whether row is a top-p row without top-k (its candidates come from the mass histogram)."""
+    nucleus = (tl.load(temperatures_ptr + row) > 0.0) & (tl.load(top_p_ptr + row) < 1.0)
+    if HAS_TOP_K:
+        nucleus = nucleus & (tl.load(top_k_ptr + row) >= vocab_size)
+    return nucleus
+
+
+@triton.jit
+def _hist_kernel(
+    logits_ptr, stride_row,
+    counts_ptr, prompt_ptr, presence_ptr, frequency_ptr, repetition_ptr,
+    temperatures_ptr, top_k_ptr, top_p_ptr,
     ymax_ptr,  # [N, C] float32
-    bound_ptr,  # [N] float32 out: the k-th largest chunk maximum, +inf where the row gathers nothing
+    hist_ptr,  # [N, C, NB] int32 out: tokens per bin of (max y - y) / T, bins BIN_WIDTH wide, the last open
+    mass_ptr,  # [N, C] float32 out: sum of exp((y - max y) / T) over the chunk
     vocab_size, num_chunks,
-    CHUNKS_PAD: tl.constexpr,
+    CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, NB: tl.constexpr, BIN_WIDTH: tl.constexpr,
+    HAS_TOP_K: tl.constexpr, HAS_PEN: tl.constexpr, HAS_REP: tl.constexpr,
 ):
     row = tl.program_id(0)
-    k = tl.minimum(tl.load(top_k_ptr + row), vocab_size).to(tl.int32)
+    c = tl.program_id(1)
+    if _nucleus_rows(temperatures_ptr, top_k_ptr, top_p_ptr, row, vocab_size, HAS_TOP_K):
+        inv_t = 1.0 / tl.load(temperatures_ptr + row)
+        pos = tl.arange(0, CHUNKS_PAD)
+        y_max = tl.max(tl.load(ymax_ptr + row * num_chunks + pos, mask=pos < num_chunks, other=float("-inf")), 0)
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < vocab_size
+        _, y = penalised(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, offs, mask,
+                         presence_ptr, frequency_ptr, repetition_ptr, HAS_PEN, HAS_REP)
+        depth = (y_max - y) * inv_t
+        # the last bin takes the deep tokens, those outside the vocabulary and any NaN
+        bins = tl.where(depth < (NB - 1) * BIN_WIDTH, tl.maximum(depth, 0.0) * (1.0 / BIN_WIDTH), NB - 1.0)
+        bins = tl.minimum(bins.to(tl.int32), NB - 1)
+        part = row * num_chunks + c
+        tl.store(hist_ptr + part * NB + tl.arange(0, NB), tl.histogram(bins, NB))
+        tl.store(mass_ptr + part, tl.sum(tl.exp(-depth), 0))
+
+
+@triton.jit
+def _bound_kernel(
+    temperatures_ptr, top_k_ptr, top_p_ptr,
+    ymax_ptr,  # [N, C] float32
+    hist_ptr, mass_ptr,  # of _hist_kernel (HAS_TOP_P)
+    bound_ptr,  # [N] float32 out: every kept token has y >= bound; +inf where the row gathers nothing
+    total_ptr,  # [N] float32 out: sum of exp((y - max y) / T) over the row (top-p rows without top-k)
+    vocab_size, num_chunks,
+    CHUNKS_PAD: tl.constexpr, NB: tl.constexpr, BIN_WIDTH: tl.constexpr, CAP: tl.constexpr,
+    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+):
+    row = tl.program_id(0)
+    temperature = tl.load(temperatures_ptr + row)
     pos = tl.arange(0, CHUNKS_PAD)
     maxima = tl.load(ymax_ptr + row * num_chunks + pos, mask=pos < num_chunks, other=float("-inf"))
-    bound = tl.sum(tl.where(pos == k - 1, tl.sort(maxima, descending=True), 0.0), 0)
-    gathers = (k <= num_chunks) & (tl.load(temperatures_ptr + row) > 0.0)
-    tl.store(bound_ptr + row, tl.where(gathers, bound, float("inf")))
+    bound = temperature * 0.0 + float("inf")
+    if HAS_TOP_K:
+        # top-k: the k-th largest chunk maximum (k chunks reach it, so the k-th largest y does)
+        k = tl.minimum(tl.load(top_k_ptr + row), vocab_size).to(tl.int32)
+        kth_max = tl.sum(tl.where(pos == k - 1, tl.sort(maxima, descending=True), 0.0), 0)
+        bound = tl.where((k <= num_chunks) & (temperature > 0.0), kth_max, bound)
+    if HAS_TOP_P:
+        if _nucleus_rows(temperatures_ptr, top_k_ptr, top_p_ptr, row, vocab_size, HAS_TOP_K):
+            # top-p: tokens below a y whose larger tokens surely hold top_p of the mass are dropped;
+            # a bin's tokens weigh at least exp(-(bin + 1) x width)
+            total = tl.sum(tl.load(mass_ptr + row * num_chunks + pos, mask=pos < num_chunks, other=0.0), 0)
+            tl.store(total_ptr + row, total)
+            b = tl.arange(0, NB)
+            counts = tl.zeros([NB], dtype=tl.int32)
+            for start in range(0, num_chunks, 16):
+                chunk = start + tl.arange(0, 16)
+                counts += tl.sum(tl.load(hist_ptr + (row * num_chunks + chunk[:, None]) * NB + b[None, :],
+                                         mask=(chunk < num_chunks)[:, None], other=0), 0)
+            surely = tl.cumsum(counts.to(tl.float32) * tl.exp(-(b + 1).to(tl.float32) * BIN_WIDTH), 0)
+            target = tl.load(top_p_ptr + row) * total * 1.0001
+            deepest = tl.min(tl.where((surely >= target) & (b < NB - 2), b, NB), 0)
+            # one bin deeper covers rounding in the bin of a token
+            needed = tl.sum(tl.where(b <= deepest + 1, counts, 0), 0)
+            y_max = tl.max(maxima, 0)
+            bound = tl.where((deepest < NB) & (needed <= CAP), y_max - (deepest + 2) * BIN_WIDTH * temperature,
+                             bound)
+    tl.store(bound_ptr + row, bound)
 
 
 @triton.jit
@@ -175,17 +254,49 @@ def _mass_ge(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, pr
 
 
 @triton.jit
+def _draw_candidates(cand_val_ptr, cand_idx_ptr, seeds_ptr, total_ptr, out_ptr, row, count, k, p, thr, y_max, inv_t,
+                     vocab_size, ROW_STRIDE: tl.constexpr, SIZE: tl.constexpr, SUB: tl.constexpr,
+                     HAS_TOP_P: tl.constexpr):
+    """For a row whose count <= SIZE candidates hold every token it keeps: its thresholds from
+    the sorted candidates, and its token drawn among them (stored to out). Returns the threshold."""
+    pos = tl.arange(0, SIZE)
+    valid = pos < count
+    vals = tl.load(cand_val_ptr + row * ROW_STRIDE + pos, mask=valid, other=float("-inf"))
+    idx = tl.load(cand_idx_ptr + row * ROW_STRIDE + pos, mask=valid, other=vocab_size)
+    ordered = tl.sort(vals, descending=True)
+    kth = tl.sum(tl.where(pos == k - 1, ordered, 0.0), 0)
+    kth = tl.where(k < vocab_size, kth, float("-inf"))
+    thr = tl.maximum(thr, order_key(kth))
+    if HAS_TOP_P:
+        in_top_k = (ordered >= kth) & valid
+        w = tl.where(in_top_k, tl.exp((ordered - y_max) * inv_t), 0.0)
+        before = tl.cumsum(w, 0) - w  # mass of the more likely tokens
+        # without top-k the candidates hold the nucleus, not the whole mass
+        total = tl.where(k < vocab_size, tl.sum(w, 0), tl.load(total_ptr + row))
+        target = tl.where(p < 1.0, p * total, float("inf"))
+        kept = in_top_k & ((before < target) | (pos == 0))
+        last = tl.sum(kept.to(tl.int32), 0) - 1
+        thr = tl.maximum(thr, order_key(tl.sum(tl.where(pos == last, ordered, 0.0), 0)))
+    seed = tl.load(seeds_ptr + row)
+    score = tl.where(valid & (order_key(vals) >= thr), vals * inv_t + gumbel_noise(uniform_at(seed, idx, SUB)),
+                     float("-inf"))
+    best = tl.max(score, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(score == best, idx, vocab_size), 0).to(tl.int64))
+    return thr
+
+
+@triton.jit
 def _select_kernel(
     logits_ptr, stride_row,
     counts_ptr, prompt_ptr, presence_ptr, frequency_ptr, repetition_ptr,
     temperatures_ptr, seeds_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
-    ymax_ptr, cand_count_ptr, cand_val_ptr, cand_idx_ptr,
+    ymax_ptr, bound_ptr, total_ptr, cand_count_ptr, cand_val_ptr, cand_idx_ptr,
     thr_ptr,  # [N] int32 out: order key of the smallest y kept
     done_ptr,  # [N] int32 out: 1 where the token is drawn here
     out_ptr,  # [N] int64 out: the token of done rows
     vocab_size, num_chunks,
-    CHUNKS_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    CHUNKS_PAD: tl.constexpr, CAP: tl.constexpr, CAPACITY: tl.constexpr, BLOCK: tl.constexpr,
+    SUB: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
     HAS_PEN: tl.constexpr, HAS_REP: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -208,30 +319,17 @@ def _select_kernel(
     if HAS_TOP_K or HAS_TOP_P:
         if (temperature > 0.0) & ((k < vocab_size) | (p < 1.0)):
             count = tl.load(cand_count_ptr + row)
-            if (k <= num_chunks) & (count <= CAP):
-                # every top-k token is a candidate: thresholds from the sorted candidates
-                pos = tl.arange(0, CAP)
-                valid = pos < count
-                vals = tl.load(cand_val_ptr + row * CAP + pos, mask=valid, other=float("-inf"))
-                idx = tl.load(cand_idx_ptr + row * CAP + pos, mask=valid, other=vocab_size)
-                ordered = tl.sort(vals, descending=True)
-                kth = tl.sum(tl.where(pos == k - 1, ordered, 0.0), 0)
-                thr = tl.maximum(thr, order_key(kth))
-                if HAS_TOP_P:
-                    in_top_k = ordered >= kth
-                    w = tl.where(in_top_k, tl.exp((ordered - y_max) * inv_t), 0.0)
-                    before = tl.cumsum(w, 0) - w  # mass of the more likely tokens
-                    target = tl.where(p < 1.0, p * tl.sum(w, 0), float("inf"))
-                    kept = in_top_k & ((before < target) | (pos == 0))
-                    last = tl.sum(kept.to(tl.int32), 0) - 1
-                    thr = tl.maximum(thr, order_key(tl.sum(tl.where(pos == last, ordered, 0.0), 0)))
-                seed = tl.load(seeds_ptr + row)
-                score = tl.where(valid & (order_key(vals) >= thr),
-                                 vals * inv_t + gumbel_noise(uniform_at(seed, idx, SUB)), float("-inf"))
-                best = tl.max(score, 0)
-                tl.store(out_ptr + row, tl.min(tl.where(score == best, idx, vocab_size), 0).to(tl.int64))
+            gathered = tl.load(bound_ptr + row) < float("inf")
+            if gathered & (count <= CAP):
+                thr = _draw_candidates(cand_val_ptr, cand_idx_ptr, seeds_ptr, total_ptr, out_ptr, row, count, k, p,
+                                       thr, y_max, inv_t, vocab_size, CAPACITY, CAP, SUB, HAS_TOP_P)
                 done = row * 0 + 1
-            else:
+            if CAPACITY > CAP:
+                if gathered & (count > CAP) & (count <= CAPACITY):
+                    thr = _draw_candidates(cand_val_ptr, cand_idx_ptr, seeds_ptr, total_ptr, out_ptr, row, count, k,
+                                           p, thr, y_max, inv_t, vocab_size, CAPACITY, CAPACITY, SUB, HAS_TOP_P)
+                    done = row * 0 + 1
+            if done == 0:
                 # bisection over the order keys, one pass over the row per step
                 top_key = order_key(y_max).to(tl.int64)
                 kth_key = top_key * 0 + KEEP_ALL
@@ -346,7 +444,7 @@ def thresholds_of(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
                   top_k: torch.Tensor | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
                   penalties: Penalties | None, num_logprobs: int | None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RawStats | None]:
-    """Kernels 1-3 of filtered_sample: (tokens [N] int64, set where done, thresholds [N] int32
+    """Kernels 1-4 of filtered_sample: (tokens [N] int64, set where done, thresholds [N] int32
     order keys of the smallest y each row keeps, done [N] int32, raw stats or None)."""
     n, vocab = logits.shape
     out = torch.empty(n, dtype=torch.int64, device=logits.device)
@@ -355,21 +453,38 @@ def thresholds_of(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     ymax, cand_count, raw = _stats(logits, pen, has_pen, has_rep, num_logprobs)
     num_chunks = ymax.shape[1]
     chunks_pad = triton.next_power_of_2(num_chunks)
-    cand_val = torch.empty(n, CAP, dtype=torch.float32, device=logits.device)
-    cand_idx = torch.empty(n, CAP, dtype=torch.int32, device=logits.device)
-    if top_k is not None:
-        bound = torch.empty(n, dtype=torch.float32, device=logits.device)
-        _bound_kernel[(n,)](temperatures, top_k, ymax, bound, vocab, num_chunks, CHUNKS_PAD=chunks_pad, num_warps=2)
+    dev = logits.device
+    capacity = CAP_LARGE if top_k is None and top_p is not None else CAP
+    cand_val = torch.empty(n, capacity, dtype=torch.float32, device=dev)
+    cand_idx = torch.empty(n, capacity, dtype=torch.int32, device=dev)
+    bound = torch.empty(n, dtype=torch.float32, device=dev)
+    total = torch.empty(n, dtype=torch.float32, device=dev)
+    top_k_arg = top_k if top_k is not None else seeds
+    if top_k is not None or top_p is not None:
+        hist = mass = ymax
+        if top_p is not None:
+            hist = torch.empty(n, num_chunks, BINS, dtype=torch.int32, device=dev)
+            mass = torch.empty(n, num_chunks, dtype=torch.float32, device=dev)
+            _hist_kernel[(n, num_chunks)](logits, logits.stride(0), *pen, temperatures, top_k_arg, top_p, ymax, hist,
+                                          mass, vocab, num_chunks, CHUNK=CHUNK, CHUNKS_PAD=chunks_pad, NB=BINS,
+                                          BIN_WIDTH=BIN_WIDTH, HAS_TOP_K=top_k is not None, HAS_PEN=has_pen,
+                                          HAS_REP=has_rep, num_warps=4, enable_fp_fusion=False)
+        _bound_kernel[(n,)](temperatures, top_k_arg, top_p if top_p is not None else temperatures, ymax, hist, mass,
+                            bound, total, vocab, num_chunks, CHUNKS_PAD=chunks_pad, NB=BINS, BIN_WIDTH=BIN_WIDTH,
+                            CAP=capacity, HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, num_warps=4,
+                            enable_fp_fusion=False)
         _gather_kernel[(n, num_chunks)](logits, logits.stride(0), *pen, bound, ymax, cand_count, cand_val, cand_idx,
-                                        vocab, num_chunks, CHUNK=CHUNK, CAP=CAP, HAS_PEN=has_pen, HAS_REP=has_rep,
-                                        num_warps=4, enable_fp_fusion=False)
+                                        vocab, num_chunks, CHUNK=CHUNK, CAP=capacity, HAS_PEN=has_pen,
+                                        HAS_REP=has_rep, num_warps=4, enable_fp_fusion=False)
     thresholds = torch.empty(n, dtype=torch.int32, device=logits.device)
     done = torch.empty(n, dtype=torch.int32, device=logits.device)
     _, sub = chunk_layout(vocab)
     _select_kernel[(n,)](logits, logits.stride(0), *pen, temperatures, seeds,
                          top_k if top_k is not None else seeds, top_p if top_p is not None else temperatures,
-                         min_p if min_p is not None else temperatures, ymax, cand_count, cand_val, cand_idx,
-                         thresholds, done, out, vocab, num_chunks, CHUNKS_PAD=chunks_pad, CAP=CAP, BLOCK=BLOCK,
+                         min_p if min_p is not None else temperatures, ymax, bound, total, cand_count, cand_val,
+                         cand_idx,
+                         thresholds, done, out, vocab, num_chunks, CHUNKS_PAD=chunks_pad, CAP=CAP,
+                         CAPACITY=capacity, BLOCK=BLOCK,
                          SUB=sub, HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
                          HAS_MIN_P=min_p is not None, HAS_PEN=has_pen, HAS_REP=has_rep, num_warps=4,
                          enable_fp_fusion=False)

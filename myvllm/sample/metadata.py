@@ -5,8 +5,8 @@ call counter (unseeded rows), and one generator per seeded sequence on the maske
 builds a batch's metadata with one host-to-device copy per tensor and no host sync.
 
 Two sampling paths read it (see sample/sampler.py):
-  - fused (CUDA, no grammar-constrained row, and every row with top_p < 1 or a top_k has a
-    top_k <= the kernels' candidate limit, V / 1024): Triton kernels that apply penalties,
+  - fused (CUDA, no grammar-constrained row, no top_k above the kernels' candidate limit,
+    V / 1024): Triton kernels that apply penalties,
     top-k, top-p and min-p as they read the logits and draw by Gumbel-max, their uniforms from
     per-row Philox seeds (`fused_seeds`, one row of seeds per pass);
   - masked (otherwise): temperature, masks, and an exponential race whose draws come from
@@ -143,15 +143,13 @@ class SamplingMetadataBuilder:
         meta.seeded = seeded or None
 
     def _kernel_filters_fit(self, params: list) -> bool:
-        """Whether the kernels find every row's thresholds from a short candidate list: rows with
-        top_p < 1 or a top_k need a top_k <= kernel_top_k_limit (others would bisect their
-        whole row, slower than the torch path's sort); logged once when they do not."""
-        fit = all(p.is_greedy or (p.top_k_enabled and p.top_k <= self.kernel_top_k_limit)
-                  or (not p.top_k_enabled and p.top_p >= 1.0) for p in params)
+        """Whether the kernels find every row's thresholds from a short candidate list: a top_k
+        needs to be <= kernel_top_k_limit (a larger one would bisect its whole row, slower than
+        the torch path's sort); logged once when it is not."""
+        fit = all(p.is_greedy or not p.top_k_enabled or p.top_k <= self.kernel_top_k_limit for p in params)
         if not fit and not self.logged_torch_filters:
             self.logged_torch_filters = True
-            logger.info("batches with top_p < 1 or top_k > %d without a smaller top_k sample on the torch path",
-                        self.kernel_top_k_limit)
+            logger.info("batches with a top_k > %d sample on the torch path", self.kernel_top_k_limit)
         return fit
 
     def _add_filters(self, meta: SamplingMetadata, params: list) -> None:
