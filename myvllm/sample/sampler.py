@@ -138,7 +138,7 @@ class Sampler(nn.Module):
         if st.grammar_bitmask is not None:
             from myvllm.sample.structured import apply_bitmask
 
-            logits = logits.to(torch.float32, copy=st.output_counts is None)
+            logits = logits.to(torch.float32, copy=logits is raw_logits)  # never mask the raw logits
             apply_bitmask(logits, st.grammar_bitmask)
         if st.banned_rows is not None:
             neg_inf = torch.full((), float("-inf"), device=logits.device)  # a device fill, no host copy
