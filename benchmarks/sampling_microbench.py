@@ -8,7 +8,7 @@ the decode graph's replay) on each path:
     top-k sort; the sorting-free kernels;
   - penalties (qwen3 + presence 1.5 + repetition 1.05, 200 prompt and 100 output tokens per
     row): the same three;
-  - top_p 0.9 alone: the torch path; the kernels' whole-row bisection (not used by the engine);
+  - top_p 0.9 alone: the torch path with a full sort; the kernels;
   - logprobs=5 on temperature sampling and on qwen3: the torch log_softmax path; the kernels.
 
 Times are medians over repeats of CUDA-event timings of 50 back-to-back calls.
@@ -98,7 +98,7 @@ CASES = {  # name: (filters, penalties, logprobs, paths)
     "temperature": (False, False, None, ["torch-full", "kernel"]),
     "qwen3": (True, False, None, ["torch-full", "torch-partial", "kernel"]),
     "penalties": (True, True, None, ["torch-full", "torch-partial", "kernel"]),
-    # top_p alone: the engine samples such batches on the torch path; the kernels bisect each row
+    # top_p alone: the kernels bound the nucleus by a mass histogram
     "top_p0.9-only": ("top_p", False, None, ["torch-full", "kernel"]),
     "temperature+logprobs5": (False, False, 5, ["kernel+torch-logprobs", "kernel"]),
     "qwen3+logprobs5": (True, False, 5, ["torch-partial", "kernel+torch-logprobs", "kernel"]),
