@@ -203,9 +203,10 @@ def main(argv: list[str] | None = None) -> None:
 
     prompts, params = workload(args.num_seqs, args.max_input_len, args.max_output_len, args.seed, vocab_size,
                                args.sampling, args.logprobs)
-    # warm-up: short and long prompts, sampled decode
+    # warm-up: short and long prompts, decode sampled as measured (its sampling kernels compiled)
     warm = [random_ids(n, vocab_size) for n in (4, min(300, args.max_input_len), args.max_input_len)]
-    llm.generate(warm, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=32), use_tqdm=False)
+    llm.generate(warm, SamplingParams(**SAMPLING[args.sampling], logprobs=args.logprobs, ignore_eos=True,
+                                      max_tokens=32), use_tqdm=False)
     elapsed = timed_generate(llm, prompts, params)
     total = sum(p.max_tokens for p in params)
     throughput = total / elapsed

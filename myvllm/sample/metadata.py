@@ -5,18 +5,21 @@ call counter (unseeded rows), and one generator per seeded sequence on the maske
 builds a batch's metadata with one host-to-device copy per tensor and no host sync.
 
 Two sampling paths read it (see sample/sampler.py):
-  - fused (CUDA, no top-k / top-p / min-p in the batch): one Gumbel-max kernel whose
-    uniforms come from per-row Philox seeds (`fused_seeds`, one row of seeds per pass);
+  - fused (CUDA, no grammar-constrained row, no top_k above the kernels' candidate limit,
+    V / 1024): Triton kernels that apply penalties,
+    top-k, top-p and min-p as they read the logits and draw by Gumbel-max, their uniforms from
+    per-row Philox seeds (`fused_seeds`, one row of seeds per pass);
   - masked (otherwise): temperature, masks, and an exponential race whose draws come from
     the engine generator, or a seeded sequence's own generator.
-Either way a seeded sequence's tokens depend only on its seed and its token index, never
-on the rest of the batch. Penalties, when a row asks for them, read each row's output-token
-counts [N, V] on the device; the sampler adds every pass's token to them, so the passes of
-one decode batch see each other's tokens without a host sync.
+On either path a seeded sequence's tokens depend only on its seed and its token index, never
+on the rest of the batch (the two paths draw differently). Penalties, when a row asks for
+them, read each row's output-token counts [N, V] on the device; the sampler adds every pass's
+token to them, so the passes of one decode batch see each other's tokens without a host sync.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +33,8 @@ from myvllm.runtime.sequence import Sequence
 SEED_MIX = 0x9E3779B97F4A7C15 >> 1
 ROWS_PER_PASS = 1 << 20
 SEED_MASK = (1 << 62) - 1
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +77,9 @@ class SamplingMetadataBuilder:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seq_generators: dict[int, torch.Generator] = {}
         self.num_passes_sampled = 0
+        self.kernels = device.type == "cuda" and _kernels_support(vocab_size, device)
+        self.kernel_top_k_limit = _kernel_top_k_limit(vocab_size) if self.kernels else 0
+        self.logged_torch_filters = False
 
     def build(self, seqs: list[Sequence], num_passes: int = 1) -> SamplingMetadata:
         """Metadata for sampling seqs' next num_passes tokens (one pass each of a decode window)."""
@@ -84,13 +92,12 @@ class SamplingMetadataBuilder:
             self._add_penalties(meta, seqs)
         if not meta.all_greedy:
             temps = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
-            # penalised logits take the torch path; constrained ones stay fused (the kernel reads any
-            # float dtype, and a forbidden token's -inf never wins)
-            masked = penalties or any(p.top_k_enabled or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
-            if dev.type == "cuda" and not masked:
+            # constrained rows stay on the kernels too: the sampler masks a float32 copy of the logits
+            if self.kernels and self._kernel_filters_fit(params):
                 temps[greedy] = 0.0
                 meta.fused_temperatures = host_to_device(temps, dev)
                 meta.fused_seeds = host_to_device(self._row_seeds(seqs, num_passes), dev)
+                self._add_filters(meta, params)
             else:
                 temps[greedy] = 1.0
                 meta.temperatures = host_to_device(temps, dev)
@@ -129,6 +136,23 @@ class SamplingMetadataBuilder:
         params = [s.params for s in seqs]
         if greedy.any():
             meta.greedy = host_to_device(greedy, dev)
+        self._add_filters(meta, params)
+        seeded = [(i, self._generator_for(s)) for i, s in enumerate(seqs) if s.seed is not None and not greedy[i]]
+        meta.seeded = seeded or None
+
+    def _kernel_filters_fit(self, params: list) -> bool:
+        """Whether the kernels find every row's thresholds from a short candidate list: a top_k
+        needs to be <= kernel_top_k_limit (a larger one would bisect its whole row, slower than
+        the torch path's sort); logged once when it is not."""
+        fit = all(p.is_greedy or not p.top_k_enabled or p.top_k <= self.kernel_top_k_limit for p in params)
+        if not fit and not self.logged_torch_filters:
+            self.logged_torch_filters = True
+            logger.info("batches with a top_k > %d sample on the torch path", self.kernel_top_k_limit)
+        return fit
+
+    def _add_filters(self, meta: SamplingMetadata, params: list) -> None:
+        """top-k / top-p / min-p per row, each only when some row uses it."""
+        dev = self.device
         if any(p.top_k_enabled for p in params):
             top_k = [p.top_k if p.top_k_enabled else self.vocab_size for p in params]
             meta.top_k = host_to_device(np.array(top_k, dtype=np.int64), dev)
@@ -138,8 +162,6 @@ class SamplingMetadataBuilder:
             meta.top_p = host_to_device(np.array([p.top_p for p in params], dtype=np.float32), dev)
         if any(p.min_p > 0.0 for p in params):
             meta.min_p = host_to_device(np.array([p.min_p for p in params], dtype=np.float32), dev)
-        seeded = [(i, self._generator_for(s)) for i, s in enumerate(seqs) if s.seed is not None and not greedy[i]]
-        meta.seeded = seeded or None
 
     def _add_penalties(self, meta: SamplingMetadata, seqs: list[Sequence]) -> None:
         """Penalty factors per row, the rows' output-token counts and (for the repetition
@@ -175,3 +197,19 @@ class SamplingMetadataBuilder:
             gen = torch.Generator(device=self.device).manual_seed(seq.seed)
             self.seq_generators[seq.seq_id] = gen
         return gen
+
+
+def _kernels_support(vocab_size: int, device: torch.device) -> bool:
+    """Whether the Triton sampling kernels serve this vocabulary; why not is logged at INFO."""
+    from myvllm.kernels.triton_sampling import supports
+
+    reason = supports(vocab_size, device)
+    if reason is not None:
+        logger.info("sampling kernels not used (%s): the torch sampler runs", reason)
+    return reason is None
+
+
+def _kernel_top_k_limit(vocab_size: int) -> int:
+    from myvllm.kernels.triton_sampling_filters import candidate_top_k_limit
+
+    return candidate_top_k_limit(vocab_size)

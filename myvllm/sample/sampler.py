@@ -3,15 +3,19 @@
 Per row, in this order: penalties (repetition, then frequency and presence, vLLM's order);
 tokens banned until `min_tokens` is reached get -inf;
 greedy rows take the argmax; the others divide by their temperature, keep the
-top_k logits, keep the smallest set of tokens whose probability reaches top_p,
-drop tokens under min_p times the largest probability, and sample. Sampling uses
+top_k logits, keep the smallest set of tokens whose probability reaches top_p (ties at
+either cut-off kept, see apply_top_k_top_p), drop tokens under min_p times the largest
+probability, and sample. Sampling uses
 the exponential race (argmax of p / E with E ~ Exp(1)), which draws from p
 exactly and needs no host sync; a row with its own seed draws its E from its own
 generator, so its tokens do not depend on what else is in the batch.
 
-On CUDA, rows that need no top-k/top-p/min-p masks are sampled instead by one fused
-Gumbel-max kernel (kernels/triton_sampling.py), which reads the logits once; its
-uniforms come from a per-row seed, so seeded rows are batch-independent there too.
+On CUDA (SamplingMetadata.fused_seeds set) the rows are sampled instead by Triton kernels
+(kernels/triton_sampling.py, kernels/triton_sampling_filters.py) that apply the penalties as
+they read the logits, turn top-k / top-p / min-p into per-row thresholds without sorting the
+vocabulary, and draw by Gumbel-max among the tokens above them; their uniforms come from a
+per-row seed, so seeded rows are batch-independent there too. The kernels keep the same
+tokens as the reference, ties at the cut-offs included; logprobs come from the same read.
 
 Log-probabilities are those of the raw model distribution (before temperature
 and masks), as vLLM reports them by default.
@@ -43,29 +47,37 @@ PARTIAL_SORT_MAX_K = 1024
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                       max_top_k: int | None = None) -> torch.Tensor:
-    """Set to -inf every logit outside the row's top_k and outside its top_p nucleus. max_top_k:
-    the largest top_k of the rows when every row has one (known on the host), else None."""
+    """Set to -inf every logit below the row's top-k / top-p threshold: the top_k-th largest
+    logit, ties with it kept; and, over those, the smallest logit whose more likely tokens hold
+    less than top_p of their renormalised probability, ties kept again (a token and the tokens
+    tied with it stay or go together; top_p >= 1 keeps all). max_top_k: the largest top_k of the
+    rows when every row has one (known on the host), else None."""
+    return logits.masked_fill(logits < top_k_top_p_thresholds(logits, top_k, top_p, max_top_k), float("-inf"))
+
+
+def top_k_top_p_thresholds(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                           max_top_k: int | None = None) -> torch.Tensor:
+    """[N, 1]: the smallest logit each row keeps under apply_top_k_top_p."""
+    vocab = logits.shape[-1]
     if top_k is not None and max_top_k is not None and max_top_k <= PARTIAL_SORT_MAX_K:
-        # the nucleus lies inside the top-k: only those logits need sorting
-        sorted_logits, order = logits.topk(min(max_top_k, logits.shape[-1]), dim=-1)  # [N, max_top_k]
-        kept = _mask_sorted(sorted_logits, top_k, top_p)
-        return torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
-    return torch.empty_like(logits).scatter_(-1, order, _mask_sorted(sorted_logits, top_k, top_p))
-
-
-def _mask_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Logits sorted in descending order per row, -inf past the row's top_k and its top_p nucleus."""
+        # every kept logit but the ties of the k-th lies in the top max_top_k: only those need sorting
+        ordered = logits.topk(min(max_top_k, vocab), dim=-1).values  # [N, max_top_k]
+    else:
+        ordered = logits.sort(dim=-1, descending=True).values  # [N, V]
     if top_k is not None:
-        rank = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)
-        sorted_logits.masked_fill_(rank[None, :] >= top_k[:, None], float("-inf"))
-    if top_p is not None:
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-        drop = mass_before >= top_p[:, None]
-        drop[:, 0] = False  # the most likely token always stays
-        sorted_logits.masked_fill_(drop, float("-inf"))
-    return sorted_logits
+        kth = ordered.gather(-1, (top_k.clamp(1, vocab) - 1)[:, None])
+    else:
+        kth = ordered[:, -1:]
+    if top_p is None:
+        return kth
+    top = ordered[:, :1]
+    # the mass of the whole top-k set, ties of the k-th beyond the sorted part included
+    total = torch.where(logits >= kth, torch.exp(logits - top), 0.0).sum(-1, keepdim=True)
+    weights = torch.where(ordered >= kth, torch.exp(ordered - top), 0.0)
+    before = weights.cumsum(dim=-1) - weights  # the mass of the more likely tokens
+    kept = (ordered >= kth) & ((before < top_p[:, None] * total) | (top_p[:, None] >= 1.0))
+    kept[:, 0] = True  # the most likely token always stays
+    return ordered.gather(-1, kept.sum(-1, keepdim=True) - 1)
 
 
 def apply_penalties(logits: torch.Tensor, st: SamplingMetadata) -> torch.Tensor:
@@ -112,24 +124,40 @@ class Sampler(nn.Module):
         """logits [N, V] -> sampled token ids [N] (and logprobs when asked); pass_index: which
         pass of a decode window this is (it picks the fused path's seeds)."""
         out = SamplerOutput(token_ids=torch.empty(0))
-        if st.num_logprobs is not None:
+        fused = st.fused_seeds is not None
+        raw_logits = logits
+        # logprobs by kernel read the raw logits as they are sampled, or on their own
+        fast_logprobs = st.num_logprobs is not None and logits_kernels_support(logits)
+        if st.num_logprobs is not None and not fast_logprobs:
             raw = torch.log_softmax(logits.float(), dim=-1)
-        if st.output_counts is not None:
+        # greedy batches with penalties take the argmax of the penalised logits by kernel too
+        greedy_kernel = (st.all_greedy and st.output_counts is not None and st.grammar_bitmask is None
+                         and logits_kernels_support(logits))
+        if st.output_counts is not None and not (fused or greedy_kernel):
             logits = apply_penalties(logits, st)
         if st.grammar_bitmask is not None:
             from myvllm.sample.structured import apply_bitmask
 
-            logits = logits.to(torch.float32, copy=st.output_counts is None)
+            logits = logits.to(torch.float32, copy=logits is raw_logits)  # never mask the raw logits
             apply_bitmask(logits, st.grammar_bitmask)
         if st.banned_rows is not None:
             neg_inf = torch.full((), float("-inf"), device=logits.device)  # a device fill, no host copy
             logits = logits.index_put((st.banned_rows, st.banned_tokens), neg_inf)
-        if st.all_greedy:
-            out.token_ids = logits.argmax(dim=-1)
-        elif st.fused_seeds is not None:
+        stats = None
+        if greedy_kernel:
             from myvllm.kernels.triton_sampling import gumbel_sample
 
-            out.token_ids = gumbel_sample(logits, st.fused_temperatures, st.fused_seeds[pass_index])
+            zeros = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+            out.token_ids = gumbel_sample(logits.contiguous(), zeros.float(), zeros, penalties=kernel_penalties(st))
+        elif st.all_greedy:
+            out.token_ids = logits.argmax(dim=-1)
+        elif fused:
+            from myvllm.kernels.triton_sampling_filters import filtered_sample
+
+            with_stats = fast_logprobs and logits is raw_logits
+            out.token_ids, stats = filtered_sample(
+                logits.contiguous(), st.fused_temperatures, st.fused_seeds[pass_index], st.top_k, st.top_p, st.min_p,
+                kernel_penalties(st), st.num_logprobs if with_stats else None)
         else:
             logits = logits.float()
             greedy_ids = logits.argmax(dim=-1)
@@ -144,8 +172,35 @@ class Sampler(nn.Module):
                 race[row].exponential_(generator=gen)
             sampled = probs.div_(race).argmax(dim=-1)
             out.token_ids = sampled if st.greedy is None else torch.where(st.greedy, greedy_ids, sampled)
-        if st.num_logprobs is not None:
+        if fast_logprobs:
+            from myvllm.kernels import triton_sampling_filters as kernels
+
+            raw_logits = raw_logits.contiguous()
+            if stats is None:
+                stats = kernels.raw_stats(raw_logits, st.num_logprobs)
+            out.logprobs, out.ranks, out.top_logprobs, out.top_ids = kernels.token_logprobs(
+                raw_logits, out.token_ids, st.num_logprobs, stats)
+        elif st.num_logprobs is not None:
             add_token_logprobs(out, raw, st.num_logprobs)
         if st.output_counts is not None:
             count_sampled(st, out.token_ids)
         return out
+
+
+def kernel_penalties(st: SamplingMetadata):
+    """The penalty inputs of the sampling kernels, None when no row has a penalty."""
+    if st.output_counts is None:
+        return None
+    from myvllm.kernels.triton_sampling import Penalties
+
+    return Penalties(st.output_counts, st.prompt_mask, st.presence_penalties, st.frequency_penalties,
+                     st.repetition_penalties)
+
+
+def logits_kernels_support(logits: torch.Tensor) -> bool:
+    """Whether the Triton sampling kernels take these logits (SamplingMetadataBuilder logs why not)."""
+    if logits.device.type != "cuda":
+        return False
+    from myvllm.kernels.triton_sampling import supports
+
+    return supports(logits.shape[-1], logits.device) is None
