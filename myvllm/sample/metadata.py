@@ -5,10 +5,10 @@ call counter (unseeded rows), and one generator per seeded sequence on the maske
 builds a batch's metadata with one host-to-device copy per tensor and no host sync.
 
 Two sampling paths read it (see sample/sampler.py):
-  - fused (CUDA, no grammar-constrained row, no top_k above the kernels' candidate limit,
-    V / 1024): Triton kernels that apply penalties,
-    top-k, top-p and min-p as they read the logits and draw by Gumbel-max, their uniforms from
-    per-row Philox seeds (`fused_seeds`, one row of seeds per pass);
+  - fused (CUDA, no top_k above the kernels' candidate limit, V / 1024): Triton kernels that
+    apply penalties, top-k, top-p and min-p as they read the logits (for constrained rows, a
+    copy the grammar bitmask has masked) and draw by Gumbel-max, their uniforms from per-row
+    Philox seeds (`fused_seeds`, one row of seeds per pass);
   - masked (otherwise): temperature, masks, and an exponential race whose draws come from
     the engine generator, or a seeded sequence's own generator.
 On either path a seeded sequence's tokens depend only on its seed and its token index, never
