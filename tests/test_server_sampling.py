@@ -56,8 +56,29 @@ def test_prompt_logprobs_in_the_completion(http, tiny_model_dir):
     assert "prompt_logprobs" not in complete(http)
 
 
+def test_streamed_prompt_logprobs_come_in_each_choices_first_chunk(http):
+    import json
+
+    whole = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "ignore_eos": True,
+                                               "max_tokens": 12, "n": 2, "temperature": 0.8, "seed": 3,
+                                               "prompt_logprobs": 2}).json()["choices"]
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "ignore_eos": True, "max_tokens": 12,
+                                           "n": 2, "temperature": 0.8, "seed": 3, "prompt_logprobs": 2,
+                                           "stream": True})
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(line[len("data: "):]) for line in r.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    by_choice: dict[int, list] = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            by_choice.setdefault(choice["index"], []).append(choice)
+    assert sorted(by_choice) == [0, 1]
+    for index, choices in by_choice.items():
+        assert choices[0]["prompt_logprobs"] == whole[index]["prompt_logprobs"]
+        assert all("prompt_logprobs" not in c for c in choices[1:])
+
+
 @pytest.mark.parametrize("body,field", [(dict(presence_penalty=3), "presence_penalty"),
-                                        (dict(prompt_logprobs=2, stream=True), "prompt_logprobs"),
                                         (dict(prompt_logprobs=1000), "prompt_logprobs")])
 def test_bad_sampling_fields_are_400s_naming_the_field(http, body, field):
     r = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, **body})

@@ -338,12 +338,16 @@ class _Server:
         """The chunks as JSON text: one per choice per engine output that brings it tokens (every
         token an engine step made, a whole multi-step window, goes in one chunk; its text may be
         empty while a character or a possible stop string is incomplete). The part that is the
-        same in every chunk is serialized once."""
+        same in every chunk is serialized once. With prompt_logprobs, the first chunk of each choice
+        carries its prompt's (as vLLM streams them): the prompt is computed whole before a token
+        is sampled."""
         created = now()
         head = (f'{{"id": "{rid}", "object": "text_completion", "created": {created}, "model": {self.model_json}, '
                 f'"choices": [{{"index": ')
         deltas = [[ChoiceDelta(params) for _ in range(params.n)] for _ in streams]
         offsets = [[0] * params.n for _ in streams]
+        prompt_json: list[str | None] = [None] * len(streams)  # prompt i's prompt_logprobs, serialized
+        sent_prompt = [[False] * params.n for _ in streams]  # whether a choice's chunks carried them
         counts = [0, 0]
         dumps = json.dumps
         async for i, out in _merged(streams):
@@ -353,6 +357,13 @@ class _Server:
                     continue
                 text, tokens, entries, finish = step
                 ids = f'"token_ids": {dumps(tokens)}, ' if req.return_token_ids else ""
+                if out.prompt_logprobs is not None and not sent_prompt[i][c.index]:
+                    if prompt_json[i] is None:
+                        entries_json = await self._engine_call(self.engine.call(
+                            lambda e, lps=out.prompt_logprobs: _prompt_logprobs_json(e, lps)))
+                        prompt_json[i] = dumps(entries_json, ensure_ascii=False)
+                    ids += f'"prompt_logprobs": {prompt_json[i]}, '
+                    sent_prompt[i][c.index] = True
                 lps = "null"
                 if params.logprobs is not None and entries is not None:
                     lps = dumps(completion_logprobs(tokens, entries, params.logprobs, offsets[i][c.index]),

@@ -445,8 +445,11 @@ class AsyncLLMEngine:
                     handle.final_texts[seq.index] = text
             completions.append(CompletionOutput(seq.index, text, token_ids, logprobs=logprobs,
                                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        # complete by now: a prompt whose logprobs are asked for is computed before its first token
+        prompt_logprobs = state.seqs[0].prompt_logprobs
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, completions,
-                             num_cached_tokens=max(s.num_cached_prompt_tokens for s in state.seqs))
+                             num_cached_tokens=max(s.num_cached_prompt_tokens for s in state.seqs),
+                             prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs))
 
     def _decode_logprobs(self, handle: RequestStream, index: int, logprobs: list) -> None:
         """Give the logprob entries not yet seen their token text (once per entry)."""

@@ -113,9 +113,6 @@ class CompletionRequest(_SamplingFields):
         super().check_unsupported()
         if self.echo:
             raise bad_request("echo is not supported", "echo", "unsupported")
-        if self.prompt_logprobs is not None and self.stream:
-            raise bad_request("prompt_logprobs is not supported with stream: true yet", "prompt_logprobs",
-                              "unsupported")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix", "unsupported")
         if self.best_of is not None and self.best_of != self.n:
