@@ -8,8 +8,6 @@ inside CUDA graphs, compiled and not. Skipped where flash_attn is not importable
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from test_gpu_engine import (
@@ -18,7 +16,7 @@ from test_gpu_engine import (
     assert_close_runs,
     build_qwen3_checkpoint,
     divergence_gaps,
-    make_prompts,
+    hf_references,
     run_engine,
 )
 
@@ -54,19 +52,8 @@ def checkpoint(request, tmp_path_factory, needs_flash_attn):
 
 @pytest.fixture(scope="module")
 def hf_reference(checkpoint):
-    """transformers' greedy tokens and step logits in bf16 and in float32."""
-    from tiny_model import hf_greedy, load_hf_model
-
     _, path, shapes = checkpoint
-    prompts = make_prompts(shapes["vocab_size"])
-    refs = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        hf = load_hf_model(path, dtype=dtype, device="cuda")
-        refs[dtype] = [hf_greedy(hf, p, NUM_TOKENS) for p in prompts]
-        del hf
-        gc.collect()
-        torch.cuda.empty_cache()
-    return prompts, refs
+    return hf_references(path, shapes)
 
 
 def logprob_error(outs, refs) -> tuple[float, float]:

@@ -57,12 +57,11 @@ def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-@pytest.fixture(scope="module")
-def hf_reference(checkpoint):
-    """transformers' greedy tokens and step logits in bf16, and greedy tokens in float32."""
+def hf_references(path: str, shapes: dict) -> tuple[list, dict]:
+    """The test prompts, and transformers' greedy tokens and step logits on them, per dtype
+    (bf16 and float32)."""
     from tiny_model import hf_greedy, load_hf_model
 
-    name, path, shapes = checkpoint
     prompts = make_prompts(shapes["vocab_size"])
     refs = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -72,6 +71,12 @@ def hf_reference(checkpoint):
         gc.collect()
         torch.cuda.empty_cache()
     return prompts, refs
+
+
+@pytest.fixture(scope="module")
+def hf_reference(checkpoint):
+    _, path, shapes = checkpoint
+    return hf_references(path, shapes)
 
 
 def run_engine(path: str, prompts, repeat: int = 1, **kw):
