@@ -8,11 +8,12 @@ inside CUDA graphs, compiled and not. Skipped where flash_attn is not importable
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from test_gpu_engine import (
     NEAR_TIE,
-    NUM_TOKENS,
     assert_close_runs,
     build_qwen3_checkpoint,
     divergence_gaps,
