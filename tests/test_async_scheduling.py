@@ -155,3 +155,25 @@ def test_abort_while_a_window_is_in_flight(tiny_model_dir, sync_llm):
     assert not engine.requests
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_nothing_stays_in_flight_once_every_request_finished(tiny_model_dir, sync_llm):
+    """A request that stops on a token inside a window finishes while the next window (launched
+    ahead) is in flight; the engine applies that window too before it idles, so none of the
+    finished request's state stays referenced while it waits for new ones."""
+    import gc
+
+    from myvllm.runtime.sequence import Sequence
+
+    prompt = [[7, 8, 9, 10]]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    tokens = sync_llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    stop = next(t for i, t in enumerate(tokens) if i >= 9 and t not in tokens[:i])  # first seen after a few windows
+    llm = make_llm(tiny_model_dir, True)
+    engine = llm.engine
+    engine.add_request(prompt[0], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop]))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine._in_flight is None and engine.scheduler.in_flight is None
+    gc.collect()
+    assert not any(type(o) is Sequence for o in gc.get_objects()), "a finished request's Sequence lives on"

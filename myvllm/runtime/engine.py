@@ -218,6 +218,11 @@ class LLMEngine:
         received = []
         for launched in due:
             received += self.scheduler.update_from_output(launched.batch, self.runner.collect(launched))
+        if self._in_flight is not None and not self.scheduler.has_unfinished():
+            # every sequence of the batch in flight has finished: apply it now, so that nothing of
+            # the finished requests outlives them while the engine waits for new ones
+            launched, self._in_flight = self._in_flight, None
+            received += self.scheduler.update_from_output(launched.batch, self.runner.collect(launched))
         return received
 
     # ---- outputs -------------------------------------------------------------------------------
