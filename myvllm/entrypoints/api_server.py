@@ -316,8 +316,7 @@ class _Server:
             num_prompt += len(out.prompt_token_ids)
             prompt_lps = None
             if out.prompt_logprobs is not None:
-                prompt_lps = await self._engine_call(self.engine.call(
-                    lambda e, entries=out.prompt_logprobs: _prompt_logprobs_json(e, entries)))
+                prompt_lps = await self._prompt_logprobs(out.prompt_logprobs)
             for c in out.outputs:
                 num_out += len(c.token_ids)
                 lps = (completion_logprobs(c.token_ids, c.logprobs, params.logprobs)
@@ -332,6 +331,10 @@ class _Server:
                 choices.append(choice)
         return JSONResponse({"id": rid, "object": "text_completion", "created": now(), "model": self.model_name,
                              "choices": choices, "usage": usage(num_prompt, num_out)})
+
+    async def _prompt_logprobs(self, entries: list) -> list:
+        """A RequestOutput's prompt_logprobs as vLLM's JSON, their tokens decoded on the engine thread."""
+        return await self._engine_call(self.engine.call(lambda e: _prompt_logprobs_json(e, entries)))
 
     async def _completion_events(self, req: CompletionRequest, params: SamplingParams, rid: str,
                                  streams: list[RequestStream]) -> AsyncIterator[str]:
@@ -359,9 +362,7 @@ class _Server:
                 ids = f'"token_ids": {dumps(tokens)}, ' if req.return_token_ids else ""
                 if out.prompt_logprobs is not None and not sent_prompt[i][c.index]:
                     if prompt_json[i] is None:
-                        entries_json = await self._engine_call(self.engine.call(
-                            lambda e, lps=out.prompt_logprobs: _prompt_logprobs_json(e, lps)))
-                        prompt_json[i] = dumps(entries_json, ensure_ascii=False)
+                        prompt_json[i] = dumps(await self._prompt_logprobs(out.prompt_logprobs), ensure_ascii=False)
                     ids += f'"prompt_logprobs": {prompt_json[i]}, '
                     sent_prompt[i][c.index] = True
                 lps = "null"
@@ -575,9 +576,9 @@ def reply_message(text: str, finish_reason: str | None, thinking: bool | None, t
 def _prompt_logprobs_json(engine: LLMEngine, entries: list) -> list:
     """vLLM's prompt_logprobs: None for the first token, then token id -> logprob, rank and text
     (decoded on the engine thread, which owns the tokenizer)."""
-    tok = engine.tokenizer
+    dec = engine.decoder
     return [None if entry is None else
-            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": tok.decode([t]) if tok else None}
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": dec.decode([t]) if dec else None}
              for t, lp in entry.items()}
             for entry in entries]
 

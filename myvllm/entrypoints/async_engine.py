@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from myvllm.config import EngineConfig
 from myvllm.outputs import CompletionOutput, RequestOutput
-from myvllm.runtime.detokenizer import decode_new_text, fast_decoder
+from myvllm.runtime.detokenizer import decode_new_text
 from myvllm.runtime.engine import LLMEngine, PromptType
 from myvllm.runtime.sequence import StopState
 from myvllm.sampling_params import SamplingParams
@@ -223,8 +223,9 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._streaming: dict[str, RequestStream] = {}  # engine thread only: the streamed ones among them
-        # fixed at construction: safe to use on the loop (decoding is read-only on the tokenizer)
-        self._decoder = fast_decoder(engine.tokenizer) if engine.tokenizer is not None else None
+        # the engine's decoder, fixed at construction: safe to use on the loop (decoding is
+        # read-only on the tokenizer)
+        self._decoder = engine.decoder
         self._owns_engine = False  # made by from_engine_args: stop() shuts it down
 
     @classmethod
@@ -426,7 +427,7 @@ class AsyncLLMEngine:
         if all(len(seq.token_ids) - seq.num_prompt_tokens == sent.get(seq.index, 0) for seq in state.seqs):
             return None
         completions = []
-        tokenizer = self.engine.tokenizer
+        decoder = self.engine.decoder
         for seq in state.seqs:
             token_ids = seq.output_token_ids
             sent[seq.index] = len(token_ids)
@@ -440,7 +441,7 @@ class AsyncLLMEngine:
                 if text is None:
                     text = seq.output_text
                     if text is None:
-                        text = "" if tokenizer is None else tokenizer.decode(
+                        text = "" if decoder is None else decoder.decode(
                             token_ids, skip_special_tokens=seq.params.skip_special_tokens)
                     handle.final_texts[seq.index] = text
             completions.append(CompletionOutput(seq.index, text, token_ids, logprobs=logprobs,
@@ -453,14 +454,14 @@ class AsyncLLMEngine:
 
     def _decode_logprobs(self, handle: RequestStream, index: int, logprobs: list) -> None:
         """Give the logprob entries not yet seen their token text (once per entry)."""
-        tokenizer = self.engine.tokenizer
+        decoder = self.engine.decoder
         start = handle.num_decoded.get(index, 0)
-        if tokenizer is not None:
+        if decoder is not None:
             try:
                 for entry in logprobs[start:]:
                     for token_id, lp in entry.items():
                         if lp.decoded_token is None:
-                            lp.decoded_token = tokenizer.decode([token_id])
+                            lp.decoded_token = decoder.decode([token_id])
             except Exception:  # the output still goes out, with token ids for texts
                 logger.exception("decoding logprob tokens of request %s failed", handle.request_id)
         handle.num_decoded[index] = len(logprobs)
