@@ -23,6 +23,8 @@ PROMPTS = [
     "mountains where people talk",
     "one two three four five six seven eight nine ten eleven twelve thirteen",
 ]
+# PROMPTS and three more that share PROMPTS[5] as a long prefix (prefix-cache hits).
+SHARED_PREFIX_PROMPTS = PROMPTS + [PROMPTS[5] + " " + w for w in ("red", "green blue", "and then a dog")]
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_utils import PROMPTS, SMALL_KV, RunStats, run_checked
-from tiny_model import hf_greedy
+from engine_utils import SHARED_PREFIX_PROMPTS, SMALL_KV, RunStats, run_checked
+from tiny_model import greedy_reference, hf_greedy
 
 from myvllm import LLM, SamplingParams
 
@@ -17,13 +17,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, hf_tiny):
     """HF greedy continuations of PROMPTS and of prompts sharing long prefixes."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    shared = PROMPTS[5]
-    prompts = PROMPTS + [shared + " " + w for w in ("red", "green blue", "and then a dog")]
-    ids = [tok.encode(p) for p in prompts]
-    return ids, [hf_greedy(hf_tiny, p, NUM_TOKENS)[0] for p in ids]
+    return greedy_reference(tiny_model_dir, hf_tiny, SHARED_PREFIX_PROMPTS, NUM_TOKENS)
 
 
 def check_equal(outputs, expected):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from engine_utils import PROMPTS, SMALL_KV, run_checked
 from fp8_checkpoint import FP8_SHAPES, QUANT_CONFIG, build_fp8_pair, write_fp8_checkpoint
-from tiny_model import build_checkpoint, hf_greedy, load_hf_model
+from tiny_model import build_checkpoint, greedy_reference, load_hf_model
 
 from myvllm import LLM, SamplingParams
 from myvllm.config import EngineConfig
@@ -38,12 +38,7 @@ def dirs(tmp_path_factory, one_thread) -> dict:
 @pytest.fixture(scope="module")
 def reference(dirs):
     """Prompt ids and transformers' greedy continuations on the dequantized weights."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(dirs["fp8"])
-    ids = [tok.encode(p) for p in PROMPTS[:6]]
-    hf = load_hf_model(dirs["dequant"])
-    return ids, [hf_greedy(hf, p, NUM_TOKENS)[0] for p in ids]
+    return greedy_reference(dirs["fp8"], load_hf_model(dirs["dequant"]), PROMPTS[:6], NUM_TOKENS)
 
 
 def model_of(llm: LLM):

@@ -17,7 +17,7 @@ from engine_utils import PROMPTS, SMALL_KV, run_checked
 from fp8_checkpoint import QUANT_CONFIG, build_fp8_pair, write_fp8_checkpoint
 from safetensors.torch import load_file
 from test_moe import build_moe_checkpoint, load_hf_moe
-from tiny_model import hf_greedy
+from tiny_model import greedy_reference
 
 from myvllm import LLM, SamplingParams
 from myvllm.distributed.parallel_state import TensorParallelGroup
@@ -54,12 +54,7 @@ def dirs(tmp_path_factory, one_thread) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(dirs):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(dirs["fp8"])
-    ids = [tok.encode(p) for p in PROMPTS[:6]]
-    hf = load_hf_moe(dirs["dequant"])
-    return ids, [hf_greedy(hf, p, NUM_TOKENS)[0] for p in ids]
+    return greedy_reference(dirs["fp8"], load_hf_moe(dirs["dequant"]), PROMPTS[:6], NUM_TOKENS)
 
 
 def experts_of(llm: LLM, layer: int = 2) -> FusedMoE:

@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 import torch
-from engine_utils import PROMPTS, SMALL_KV, RunStats, run_checked
+from engine_utils import PROMPTS, SHARED_PREFIX_PROMPTS, SMALL_KV, RunStats, run_checked
 from safetensors.torch import load_file, save_file
-from tiny_model import build_tokenizer, hf_greedy
+from tiny_model import build_tokenizer, greedy_reference
 
 from myvllm import LLM, SamplingParams
 from myvllm.config import BUILTIN_SHAPES, SUPPORTED_ARCHITECTURES, ModelConfig
@@ -68,28 +68,16 @@ def moe_dir(request, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def moe_reference(moe_dir, one_thread):
     """HF greedy continuations of PROMPTS and of prompts sharing long prefixes."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(moe_dir)
-    shared = PROMPTS[5]
-    prompts = PROMPTS + [shared + " " + w for w in ("red", "green blue", "and then a dog")]
-    ids = [tok.encode(p) for p in prompts]
-    hf = load_hf_moe(moe_dir)
-    return ids, [hf_greedy(hf, p, NUM_TOKENS)[0] for p in ids]
+    return greedy_reference(moe_dir, load_hf_moe(moe_dir), SHARED_PREFIX_PROMPTS, NUM_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def wide_moe(tmp_path_factory, one_thread):
     """The routing of the published models (128 experts, top-8, renormalised) on every second
     layer (decoder_sparse_step 2), and HF greedy continuations of PROMPTS."""
-    from transformers import AutoTokenizer
-
     path = build_moe_checkpoint(str(tmp_path_factory.mktemp("wide-moe")), num_layers=4, mlp_only_layers=(),
                                 decoder_sparse_step=2, num_experts=128, top_k=8)
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = [tok.encode(p) for p in PROMPTS]
-    hf = load_hf_moe(path)
-    return path, ids, [hf_greedy(hf, p, NUM_TOKENS)[0] for p in ids]
+    return path, *greedy_reference(path, load_hf_moe(path), PROMPTS, NUM_TOKENS)
 
 
 def check_equal(outputs, expected):

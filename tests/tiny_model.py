@@ -85,6 +85,17 @@ def load_hf_model(path: str, dtype: torch.dtype = torch.float32, device: str = "
 
 
 @torch.no_grad()
+def greedy_reference(tokenizer_dir: str, model, prompts: list[str],
+                     num_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts as token ids (tokenizer_dir's tokenizer) and transformers' greedy continuations
+    of them by model."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = [tok.encode(p) for p in prompts]
+    return ids, [hf_greedy(model, p, num_tokens)[0] for p in ids]
+
+
 def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy continuation with transformers (no EOS stop): (token ids, logits of each step)."""
     device = next(model.parameters()).device
