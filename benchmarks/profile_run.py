@@ -1,6 +1,7 @@
 """Where the time of a bench.py run goes.
 
-    python benchmarks/profile_run.py [--num-decode-passes 8] [--json out.json]   (dummy Qwen3-0.6B weights)
+    python benchmarks/profile_run.py [--num-decode-passes 8] [--sampling qwen3] [--logprobs 5] [--json out.json]
+    (dummy Qwen3-0.6B weights)
 
 1. The whole workload through LLMEngine.step, with host timers around the scheduler,
    the model runner and the bookkeeping after it: wall time per phase, per step.
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import workload  # noqa: E402
+from bench import SAMPLING, workload  # noqa: E402
 from myvllm import LLM, SamplingParams  # noqa: E402
 
 
@@ -59,13 +60,15 @@ def main() -> None:
     parser.add_argument("--num-decode-passes", type=int, default=8)
     parser.add_argument("--profile-steps", type=int, default=12, help="engine steps in the profiler window")
     parser.add_argument("--skip-steps", type=int, default=40, help="engine steps before the window")
+    parser.add_argument("--sampling", choices=sorted(SAMPLING), default="temperature")
+    parser.add_argument("--logprobs", type=int, default=None, help="top-k logprobs per token (default: none)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     llm = LLM("dummy:qwen3-0.6b", load_format="dummy", skip_tokenizer_init=True,
               num_decode_passes=args.num_decode_passes)
     engine = llm.engine
-    prompts, params = workload(args.num_seqs, 1024, 1024, 0)
+    prompts, params = workload(args.num_seqs, 1024, 1024, 0, sampling=args.sampling, logprobs=args.logprobs)
     llm.generate([[1] * 300, [2] * 1024], SamplingParams(temperature=0.6, max_tokens=32, ignore_eos=True),
                  use_tqdm=False)
 
