@@ -27,7 +27,8 @@ from myvllm.kernels.reference_fp8 import quantize_weight
 def engine(model: str, dtype: str, quantization: str | None, args) -> LLM:
     return LLM(f"dummy:{model}", load_format="dummy", dtype=dtype, quantization=quantization, seed=args.seed,
                skip_tokenizer_init=True, max_model_len=args.prompt_len + args.max_tokens + 1,
-               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization)
+               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
+               num_kv_blocks=args.num_kv_blocks)
 
 
 def release(llm: LLM) -> None:
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     parser.add_argument("--no-fp32", action="store_true", help="skip the float32 scoring")
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="a fixed KV cache size (blocks), independent of other processes on the card")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     results = []

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="factor on the dummy model's embedding for the greedy figures")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="a fixed KV cache size (blocks), independent of other processes on the card")
     parser.add_argument("--json", default=None, help="write the figures here")
     return parser
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def make_llm(args: argparse.Namespace, kv_cache_dtype: str, peaked: bool) -> LLM:
     kw = dict(dtype=args.dtype, device=args.device, kvcache_block_size=args.block_size, seed=args.seed,
               max_model_len=args.prompt_len + args.output_len + 1, gpu_memory_utilization=0.85,
+              num_kv_blocks=args.num_kv_blocks,
               kv_cache_dtype=kv_cache_dtype, calculate_kv_scales=args.calculate_kv_scales and kv_cache_dtype != "auto")
     if args.model is None:
         llm = LLM(DUMMY, load_format="dummy", skip_tokenizer_init=True, **kw)

@@ -25,6 +25,10 @@ pytestmark = pytest.mark.gpu
 
 # flash-attn's paged KV needs a block size that is a multiple of 256; its build here has head_dim 128.
 FLASH_ARGS = dict(kvcache_block_size=256)
+# Two bf16 kernels summing in different orders flip near ties (the small model has many): on the
+# H200 23 of 32 greedy runs were identical, each divergence a near tie. The near-tie and logprob
+# checks of assert_close_runs are what catch a defect; this only bounds how often ties flip.
+MIN_SAME = 0.6
 SHAPES_SMALL_128 = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=128, tie_word_embeddings=False)
 SHAPES_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -85,7 +89,7 @@ def test_flash_attn_matches_transformers_and_triton(checkpoint, hf_reference, va
           f"error vs float32: flash_attn {ours:.4f}, triton {triton_err:.4f}, transformers bf16 {theirs:.4f}; {stats}")
     assert all(g < NEAR_TIE for g in gaps), "a greedy divergence from transformers that is not a near tie"
     assert ours <= 1.5 * theirs + 0.01
-    assert_close_runs(triton, flash, f"{name} {variant}: triton vs flash_attn")
+    assert_close_runs(triton, flash, f"{name} {variant}: triton vs flash_attn", min_same=MIN_SAME)
 
 
 @pytest.mark.parametrize("eager", [True, False])
@@ -106,4 +110,4 @@ def test_flash_attn_prefill_with_triton_decode(checkpoint, hf_reference, monkeyp
     phases, _ = run_engine(path, prompts, enforce_eager=eager, **FLASH_ARGS)
     triton, _ = run_engine(path, prompts, attention_backend="triton", enforce_eager=eager, **FLASH_ARGS)
     assert all(g < NEAR_TIE for g in divergence_gaps(phases, refs[torch.bfloat16]))
-    assert_close_runs(triton, phases, "triton vs flash_attn prefill + triton decode")
+    assert_close_runs(triton, phases, "triton vs flash_attn prefill + triton decode", min_same=MIN_SAME)

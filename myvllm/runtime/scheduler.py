@@ -309,9 +309,13 @@ class Scheduler:
                 continue
             tokens = [outputs[k].token_ids[i] for k in range(kept)]
             p = seq.params
-            if (seq.logprobs is None and p.ignore_eos and not p.stop_token_ids and not p.stop_list
-                    and seq.grammar is None):
+            if p.ignore_eos and not p.stop_token_ids and not p.stop_list and seq.grammar is None:
                 # only a length can stop it, and the batch ends at or before that length
+                if seq.logprobs is not None:
+                    for k in range(kept):
+                        lp, entry = outputs[k].logprobs[i]
+                        seq.cumulative_logprob += lp
+                        seq.logprobs.append(entry)
                 self._receive(seq, tokens)
                 self._check_stop(seq)
             else:

@@ -9,6 +9,7 @@ from myvllm.sample.sampler import SamplerOutput
 from myvllm.sampling_params import SamplingParams
 
 TokenLogprobs = tuple[float, dict[int, Logprob]]  # (sampled token's logprob, top entries + sampled)
+_RANKS = range(1, 1 << 20)  # rank r + 1 of the r-th top entry (sliced, never materialized)
 
 
 @dataclass
@@ -30,16 +31,19 @@ def sampled_entries(out: SamplerOutput, params: list[SamplingParams],
     if out.logprobs is None:
         return token_ids, [None] * len(params)
     chosen, ranks = out.logprobs.tolist(), out.ranks.tolist()
-    top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in params]
-    top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in params]
+    top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    top_ids = out.top_ids.tolist() if out.top_ids is not None else None
     entries: list[TokenLogprobs | None] = []
     for i, p in enumerate(params):
         k = getattr(p, field)
         if k is None:
             entries.append(None)
             continue
-        d = {tid: Logprob(lp, r + 1) for r, (tid, lp) in enumerate(zip(top_ids[i][:k], top_lp[i][:k]))}
-        d.setdefault(token_ids[i], Logprob(chosen[i], ranks[i]))
+        # the top k by rank (ranks 1..k), then the sampled token if it is not among them
+        d = dict(zip(top_ids[i][:k], map(Logprob, top_lp[i][:k], _RANKS[:k]))) if k and top_ids else {}
+        token = token_ids[i]
+        if token not in d:
+            d[token] = Logprob(chosen[i], ranks[i])
         entries.append((chosen[i], d))
     return token_ids, entries
 
