@@ -32,7 +32,7 @@ import triton.language as tl
 from myvllm.kernels import triton_fp8_gemm
 from myvllm.kernels.reference_fp8 import FP8_DTYPE, cdiv
 from myvllm.kernels.triton_fp8_gemm import block_fp8_tile, per_token_group_quant
-from myvllm.kernels.triton_fused_moe import MoeTiles, moe_align_block_size, moe_tiles
+from myvllm.kernels.triton_fused_moe import MoeTiles, expert_block, moe_align_block_size, moe_tiles
 
 
 def supports(device: torch.device, block_n: int, block_k: int, dtype: torch.dtype) -> str | None:
@@ -56,20 +56,10 @@ def _fp8_moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, topk_wei
     """C[r, n] = (A * a_scale)[r // ROWS_PER_A] . (B * b_scale)[e(r), n] over the rows r of one
     expert's block; SILU_MUL: B holds [gate (N rows); up (N rows)] and C = silu(gate) * up;
     MUL_ROUTED_WEIGHT: C is scaled by topk_weights[r]."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n  # programs of GROUP_M row blocks share B tiles in L2
-    first_m = pid // group * GROUP_M
-    group_m = min(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
-    if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
-        return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    pid_n, expert, rows, row_mask = expert_block(sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, N, num_rows,
+                                                 num_blocks, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BLOCK_M]
-    row_mask = rows < num_rows
     a_rows = tl.minimum(rows, num_rows - 1) // ROWS_PER_A  # sentinels read a valid row, not stored
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N

@@ -149,6 +149,29 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
 
 # ---- grouped GEMM ------------------------------------------------------------------------------
 
+@triton.jit
+def expert_block(sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, N, num_rows, num_blocks,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's block of sorted rows and tile of the N columns, in a grouped GEMM over
+    moe_align_block_size's blocks: (pid_n, expert int64, rows [BLOCK_M] int64, row_mask).
+
+    expert is -1 for a block past num_post_padded: the caller returns; nothing of expert_ids
+    or sorted_ids is read for such a block, whose rows are all sentinels.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n  # programs of GROUP_M row blocks share B tiles in L2
+    first_m = pid // group * GROUP_M
+    group_m = min(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+    num_post_padded = tl.load(num_post_padded_ptr)  # a whole number of blocks
+    expert = tl.load(expert_ids_ptr + pid_m, mask=pid_m * BLOCK_M < num_post_padded, other=-1).to(tl.int64)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_ids_ptr + slots, mask=slots < num_post_padded, other=num_rows).to(tl.int64)
+    return pid_n, expert, rows, rows < num_rows
+
+
 @triton.jit(do_not_specialize=["num_rows", "num_blocks"])
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
                      N, K, num_rows, num_blocks,
@@ -161,20 +184,10 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expe
     SILU_MUL: B holds [gate (N rows); up (N rows)] and C = silu(A . gate) * (A . up).
     MUL_ROUTED_WEIGHT: C is scaled by topk_weights[r]. A, B, C have unit inner strides.
     """
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n  # programs of GROUP_M row blocks share B tiles in L2
-    first_m = pid // group * GROUP_M
-    group_m = min(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
-    if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
-        return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    pid_n, expert, rows, row_mask = expert_block(sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, N, num_rows,
+                                                 num_blocks, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BLOCK_M]
-    row_mask = rows < num_rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)

@@ -226,15 +226,25 @@ def _gather_kernel(
 
 
 @triton.jit
+def _row_tile(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, presence_ptr, frequency_ptr,
+              repetition_ptr, start, BLOCK: tl.constexpr, HAS_PEN: tl.constexpr, HAS_REP: tl.constexpr):
+    """(y, mask) of the row's tokens [start, start + BLOCK): their penalised logits and whether
+    they are in the vocabulary."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < vocab_size
+    _, y = penalised(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, offs, mask,
+                     presence_ptr, frequency_ptr, repetition_ptr, HAS_PEN, HAS_REP)
+    return y, mask
+
+
+@triton.jit
 def _count_ge(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, presence_ptr, frequency_ptr,
               repetition_ptr, key, BLOCK: tl.constexpr, HAS_PEN: tl.constexpr, HAS_REP: tl.constexpr):
     """How many tokens of the row have an order key >= key."""
     total = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, vocab_size, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < vocab_size
-        _, y = penalised(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, offs, mask,
-                         presence_ptr, frequency_ptr, repetition_ptr, HAS_PEN, HAS_REP)
+        y, mask = _row_tile(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, presence_ptr,
+                            frequency_ptr, repetition_ptr, start, BLOCK, HAS_PEN, HAS_REP)
         total += (mask & (order_key(y) >= key)).to(tl.int32)
     return tl.sum(total, 0)
 
@@ -245,10 +255,8 @@ def _mass_ge(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, pr
     """Sum of exp((y - max y) / T) over the tokens of the row with an order key >= key."""
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, vocab_size, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < vocab_size
-        _, y = penalised(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, offs, mask,
-                         presence_ptr, frequency_ptr, repetition_ptr, HAS_PEN, HAS_REP)
+        y, mask = _row_tile(logits_ptr, counts_ptr, prompt_ptr, row, stride_row, vocab_size, presence_ptr,
+                            frequency_ptr, repetition_ptr, start, BLOCK, HAS_PEN, HAS_REP)
         total += tl.where(mask & (order_key(y) >= key), tl.exp((y - y_max) * inv_t), 0.0)
     return tl.sum(total, 0)
 

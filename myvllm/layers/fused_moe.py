@@ -25,6 +25,7 @@ from torch import nn
 
 from myvllm.distributed.parallel_state import SINGLE, TensorParallelGroup
 from myvllm.kernels import reference_moe
+from myvllm.kernels.triton_or_reference import triton_or_reference
 from myvllm.models.weight_utils import Loaded, copy_checked, shard
 
 logger = logging.getLogger(__name__)
@@ -38,15 +39,11 @@ def select_fused_experts(device: torch.device, dtype: torch.dtype) -> FusedExper
     """The fused-experts op for a model on device in dtype: on CUDA the Triton kernel where it
     runs (else the torch reference, the reason logged at INFO); elsewhere the torch reference,
     without importing triton."""
-    if device.type != "cuda":
-        return reference_moe.fused_experts
-    from myvllm.kernels import triton_fused_moe
-
-    reason = triton_fused_moe.supports(device, dtype)
-    if reason is None:
-        return triton_fused_moe.fused_experts
-    logger.info("fused MoE: Triton kernel not used (%s); running the torch reference instead", reason)
-    return reference_moe.fused_experts
+    op, reason = triton_or_reference(device, "myvllm.kernels.triton_fused_moe", "fused_experts",
+                                     reference_moe.fused_experts, dtype)
+    if reason is not None and device.type == "cuda":  # off CUDA the reference is the expected op
+        logger.info("fused MoE: Triton kernel not used (%s); running the torch reference instead", reason)
+    return op
 
 
 def expert_params_mapping(num_experts: int) -> list[tuple[str, str, tuple[int, str]]]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from myvllm.kernels import reference_fp8
 from myvllm.kernels.reference_fp8 import FP8_DTYPE, cdiv
+from myvllm.kernels.triton_or_reference import triton_or_reference
 from myvllm.layers.linear import LinearBase
 from myvllm.layers.quantization.config import Fp8Config
 from myvllm.models.weight_utils import Loaded, copy_checked, shard
@@ -50,17 +51,10 @@ class Fp8LinearMethod:
 
     def __init__(self, config: Fp8Config, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
-        device = torch.device(device)
-        self._triton_linear = None  # kernels.triton_fp8_gemm.w8a8_block_linear where it runs
-        if device.type == "cuda":  # triton is imported on CUDA only: the CPU path runs without it
-            from myvllm.kernels import triton_fp8_gemm
-
-            reason = triton_fp8_gemm.supports(device, config.block_n, config.block_k, dtype)
-            if reason is None:
-                self._triton_linear = triton_fp8_gemm.w8a8_block_linear
-        else:
-            reason = f"device {device} is not CUDA"
-        self.uses_triton = self._triton_linear is not None
+        self._linear, reason = triton_or_reference(device, "myvllm.kernels.triton_fp8_gemm", "w8a8_block_linear",
+                                                   reference_fp8.dequant_linear, config.block_n, config.block_k,
+                                                   dtype)
+        self.uses_triton = reason is None
         gemm = "the Triton block-FP8 GEMM" if self.uses_triton else (
             f"weights dequantized to {dtype} and torch matmul (Triton block-FP8 GEMM not used: {reason})")
         logger.info("block-FP8 linear layers %s: %s; each norm runs before its projection (the fused "
@@ -132,9 +126,7 @@ class Fp8LinearMethod:
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ the dequantized weight.T -> [T, N] in x's dtype."""
         bn, bk = self.config.block_n, self.config.block_k
-        if self._triton_linear is not None:
-            return self._triton_linear(x, layer.weight, layer.weight_scale_inv, bn, bk)
-        return reference_fp8.dequant_linear(x, layer.weight, layer.weight_scale_inv, bn, bk)
+        return self._linear(x, layer.weight, layer.weight_scale_inv, bn, bk)
 
     def init_dummy(self, layer: LinearBase, std: float, gen: torch.Generator) -> None:
         """Random weights N(0, std), quantized to blocks: what a quantized checkpoint of them holds."""

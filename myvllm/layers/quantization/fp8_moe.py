@@ -29,6 +29,7 @@ from torch import nn
 
 from myvllm.kernels import reference_fp8, reference_fp8_moe
 from myvllm.kernels.reference_fp8 import FP8_DTYPE, cdiv
+from myvllm.kernels.triton_or_reference import triton_or_reference
 from myvllm.layers.quantization.config import Fp8Config
 from myvllm.layers.quantization.fp8 import SCALE_DTYPES, check_dtype
 from myvllm.models.weight_utils import Loaded, copy_checked, shard
@@ -45,16 +46,9 @@ class Fp8MoEMethod:
 
     def __init__(self, config: Fp8Config, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
-        device = torch.device(device)
-        self._op: Callable = reference_fp8_moe.fused_experts_dequant
-        if device.type == "cuda":  # triton is imported on CUDA only: the CPU path runs without it
-            from myvllm.kernels import triton_fp8_moe
-
-            reason = triton_fp8_moe.supports(device, config.block_n, config.block_k, dtype)
-            if reason is None:
-                self._op = triton_fp8_moe.fused_experts_fp8
-        else:
-            reason = f"device {device} is not CUDA"
+        self._op, reason = triton_or_reference(device, "myvllm.kernels.triton_fp8_moe", "fused_experts_fp8",
+                                               reference_fp8_moe.fused_experts_dequant, config.block_n,
+                                               config.block_k, dtype)
         self.uses_triton = reason is None
         op = "the Triton block-FP8 fused MoE" if self.uses_triton else (
             f"experts dequantized to {dtype} and the torch reference (Triton block-FP8 fused MoE not used: {reason})")
